@@ -1,0 +1,117 @@
+"""A client of split federated learning (spec §1): its data stream and its half of an iteration.
+
+A client runs the embeddings and blocks ``1..split_layer`` with its own LoRA tensors, sends the
+cut-layer activations (detached: what a network would carry) and its labels to the main server,
+and later back-propagates the activation gradient the main server returns.  Its data order is a
+pure function of ``(seed, client, epoch)``, so the cursor ``(epoch, position)`` is its only data state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from sflllm.sfl.adapter import Adapter
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One mini-batch of b right-padded sequences (labels are -100 where no loss is taken)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Position in a client's data stream: ``position`` rows of epoch ``epoch``'s order are used."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+def epoch_order(num_examples: int, seed: int, client: int, epoch: int) -> np.ndarray:
+    """The row order of ``epoch`` for ``client``: a permutation drawn from ``(seed, client, epoch)``."""
+    return np.random.default_rng([seed, client, epoch]).permutation(num_examples)
+
+
+def next_indices(
+    num_examples: int, batch_size: int, seed: int, client: int, cursor: Cursor
+) -> tuple[np.ndarray, Cursor]:
+    """The next ``batch_size`` row indices and the advanced cursor.
+
+    A batch that reaches the end of an epoch continues with the next epoch's order, so every batch
+    has exactly ``batch_size`` rows (and per-round sample counts are exact).
+    """
+    if num_examples < 1:
+        raise ValueError("a client needs at least one example")
+    taken: list[np.ndarray] = []
+    epoch, position, need = cursor.epoch, cursor.position, batch_size
+    while need > 0:
+        order = epoch_order(num_examples, seed, client, epoch)
+        chunk = order[position : position + need]
+        taken.append(chunk)
+        need -= len(chunk)
+        position += len(chunk)
+        if position == num_examples:
+            epoch, position = epoch + 1, 0
+    return np.concatenate(taken), Cursor(epoch, position)
+
+
+class ClientState:
+    """What one simulated client holds: its adapter (LoRA tensors + AdamW) and its data cursor.
+
+    ``data`` is the client's ``TokenizedExamples`` (``input_ids``/``attention_mask``/``labels``,
+    shape (D_k, s)); it is shared, read-only, with the caller.
+    """
+
+    def __init__(self, index: int, data, adapter: Adapter, *, seed: int, batch_size: int) -> None:
+        self.index = index
+        self.adapter = adapter
+        self.cursor = Cursor()
+        self._seed = seed
+        self._batch_size = batch_size
+        self._input_ids = torch.as_tensor(data.input_ids)
+        self._attention_mask = torch.as_tensor(data.attention_mask)
+        self._labels = torch.as_tensor(data.labels)
+
+    @property
+    def num_examples(self) -> int:
+        """D_k, the client's local data size (its FedAvg weight)."""
+        return int(self._input_ids.shape[0])
+
+    def next_batch(self) -> Batch:
+        rows, self.cursor = next_indices(
+            self.num_examples, self._batch_size, self._seed, self.index, self.cursor
+        )
+        index = torch.from_numpy(rows)
+        return Batch(self._input_ids[index], self._attention_mask[index], self._labels[index])
+
+
+def client_forward(client_module: torch.nn.Module, lora: dict[str, Tensor], batch: Batch) -> Tensor:
+    """Embeddings + blocks 1..split_layer with this client's LoRA tensors: hidden (b, s, d), graph kept."""
+    return functional_call(client_module, lora, (batch.input_ids, batch.attention_mask))
+
+
+def to_cut(hidden: Tensor) -> Tensor:
+    """What crosses the network: the activations as a detached leaf that will collect their gradient."""
+    return hidden.detach().requires_grad_(True)
+
+
+def client_backward(hidden: Tensor, activation_grad: Tensor, adapter: Adapter) -> None:
+    """Back-propagate the main server's activation gradient through the kept graph; step AdamW."""
+    if activation_grad.shape != hidden.shape or activation_grad.dtype != hidden.dtype:
+        raise ValueError(
+            f"activation gradient from the main server has shape {tuple(activation_grad.shape)} "
+            f"{activation_grad.dtype}, expected {tuple(hidden.shape)} {hidden.dtype}"
+        )
+    hidden.backward(activation_grad)
+    adapter.step()

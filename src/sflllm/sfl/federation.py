@@ -1,0 +1,318 @@
+"""The round loop of split federated LoRA fine-tuning (spec §1) and its baselines.
+
+Modes (all on the same split model, data and seed; every mode processes ``K * I * b`` samples per round):
+
+* ``"sfl"``: one round = I synchronous local iterations (each: K client forwards, one main-server
+  pass over the K activations, K client backwards), then FedAvg of the K client adapters
+  (and, with ``server_adapter="per_client"``, of the K server adapters) and broadcast.
+* ``"centralized"``: all clients' data pooled, one model; a round is I AdamW steps on batches of
+  K*b pooled samples, run through ``split.full`` (no cut).
+* ``"fl"``: every client runs the whole model with its own client+server adapter for I steps of b
+  samples; then FedAvg of all adapters.
+* ``"sl"``: sequential split learning.  One round = the client adapter is relayed through clients
+  0..K-1 in order; each runs I split iterations with the (single) main server before handing
+  the adapter, together with its AdamW moments, to the next client.  The relay carries the
+  optimizer state so that SL is plain sequential training over the clients' batches.
+
+Optimizers are AdamW per party (per client adapter, per server adapter); no gradient clipping
+(global clipping would couple the parties and break the K=1 equivalence with centralized).
+Client AdamW moments are local and are not averaged by FedAvg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from sflllm.model import SplitModel, lm_loss, lora_parameters
+from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.client import Batch, ClientState, Cursor, client_backward, client_forward, to_cut
+from sflllm.sfl.federated_server import aggregate_and_broadcast
+from sflllm.sfl.main_server import check_cut, serve_per_client, serve_shared
+
+Mode = Literal["sfl", "centralized", "fl", "sl"]
+MODES = ("sfl", "centralized", "fl", "sl")
+SERVER_ADAPTERS = ("shared", "per_client")
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` after each local iteration of a round."""
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Training hyper-parameters of the protocol (spec §1 names: I = local_steps, b = batch_size)."""
+
+    mode: Mode = "sfl"
+    local_steps: int = 1
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    server_adapter: Literal["shared", "per_client"] = "shared"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Hyper.mode must be one of {MODES}, got {self.mode!r}")
+        if self.server_adapter not in SERVER_ADAPTERS:
+            raise ValueError(f"Hyper.server_adapter must be one of {SERVER_ADAPTERS}, got {self.server_adapter!r}")
+        if self.server_adapter == "per_client" and self.mode != "sfl":
+            raise ValueError(f"Hyper.server_adapter='per_client' applies to mode 'sfl' only, not {self.mode!r}")
+        for name in ("local_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Hyper.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"Hyper.seed must be an integer >= 0, got {self.seed!r}")
+        if not self.lr > 0:
+            raise ValueError(f"Hyper.lr must be > 0, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"Hyper.weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+def _pooled(client_data: list) -> "_Pooled":
+    return _Pooled(*(torch.cat([torch.as_tensor(getattr(d, f)) for d in client_data])
+                     for f in ("input_ids", "attention_mask", "labels")))
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    """All clients' rows concatenated in client order (the centralized baseline's data)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+
+def _check_client_data(client_data: list) -> None:
+    if not client_data:
+        raise ValueError("client_data must hold at least one client's TokenizedExamples")
+    seq_len = None
+    for k, data in enumerate(client_data):
+        shapes = {f: tuple(torch.as_tensor(getattr(data, f)).shape) for f in ("input_ids", "attention_mask", "labels")}
+        if len(set(shapes.values())) != 1 or len(shapes["input_ids"]) != 2:
+            raise ValueError(f"client_data[{k}]: input_ids/attention_mask/labels must share one (rows, seq_len) "
+                             f"shape, got {shapes}")
+        rows, length = shapes["input_ids"]
+        if rows == 0:
+            raise ValueError(f"client_data[{k}] is empty; every client needs at least one example")
+        if seq_len is not None and length != seq_len:
+            raise ValueError(f"client_data[{k}] has seq_len {length}, client 0 has {seq_len}; "
+                             "tokenize all clients with one seq_len")
+        seq_len = length
+
+
+class Federation:
+    """K simulated clients, a main server and a federated server around ONE frozen split model.
+
+    Build with :func:`make_federation`.  Per party, the state is only LoRA tensors, AdamW state
+    and (for clients) a data cursor; the base model is shared by everyone.
+    """
+
+    def __init__(self, split: SplitModel, client_data: list, hyper: Hyper) -> None:
+        _check_client_data(client_data)
+        self.split = split
+        self.hyper = hyper
+        self.num_clients = len(client_data)
+        client_init = lora_parameters(split.client)
+        server_init = lora_parameters(split.server)
+        # client and server parts name their blocks from 0 each, so map each part separately
+        full_name = {id(p): name for name, p in split.full.named_parameters()}
+        self._client_full_names = {name: full_name[id(p)] for name, p in client_init.items()}
+        self._server_full_names = {name: full_name[id(p)] for name, p in server_init.items()}
+
+        def adapter(init: dict[str, Tensor]) -> Adapter:
+            return Adapter(init, lr=hyper.lr, weight_decay=hyper.weight_decay)
+
+        def client(k: int, data, adapter_k: Adapter, batch_size: int) -> ClientState:
+            return ClientState(k, data, adapter_k, seed=hyper.seed, batch_size=batch_size)
+
+        mode, K = hyper.mode, self.num_clients
+        if mode == "centralized":
+            self.clients = [client(0, _pooled(client_data), adapter(client_init), K * hyper.batch_size)]
+        elif mode == "sl":
+            relay = adapter(client_init)
+            self.clients = [client(k, d, relay, hyper.batch_size) for k, d in enumerate(client_data)]
+        else:
+            self.clients = [client(k, d, adapter(client_init), hyper.batch_size) for k, d in enumerate(client_data)]
+        per_client_server = mode == "fl" or hyper.server_adapter == "per_client"
+        self.servers = [adapter(server_init) for _ in range(K if per_client_server else 1)]
+        self._rng_state = torch.Generator().manual_seed(hyper.seed).get_state()
+        self._hidden_size = int(split.full.config.hidden_size)
+        self._dtype = next(iter(client_init.values())).dtype
+
+    # ---------------------------------------------------------------- parties
+    @property
+    def client_adapters(self) -> list[Adapter]:
+        """The distinct client adapters (one in centralized and sl, K otherwise)."""
+        return list({id(c.adapter): c.adapter for c in self.clients}.values())
+
+    @property
+    def data_sizes(self) -> list[int]:
+        """D_k of each client (FedAvg weights)."""
+        return [c.num_examples for c in self.clients]
+
+    # ---------------------------------------------------------------- a round
+    def run_round(self, round_index: int, progress: Progress | None = None) -> dict:
+        """Run round ``round_index``: I local iterations, then aggregation and broadcast (spec §1).
+
+        Returns ``{"round", "train_loss", "samples", "local_steps"}``; ``train_loss`` is the mean
+        over the round's iterations and clients of the per-batch LM loss.
+        """
+        losses = self.local_iterations(progress)
+        self.aggregate()
+        return {
+            "round": round_index,
+            "train_loss": sum(losses) / len(losses),
+            "samples": self.hyper.local_steps * self.hyper.batch_size * self.num_clients,
+            "local_steps": self.hyper.local_steps,
+        }
+
+    def local_iterations(self, progress: Progress | None = None) -> list[float]:
+        """The training part of a round, without aggregation; returns every batch loss of the round.
+
+        Runs with the federation's own torch RNG stream (used by dropout), in train mode; the
+        caller's RNG state and the model's train/eval mode are restored afterwards.
+        """
+        model = self.split.full
+        was_training = model.training
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            model.train()
+            try:
+                losses = self._train(progress)
+            finally:
+                model.train(was_training)
+                self._rng_state = torch.get_rng_state()
+        return losses
+
+    def _train(self, progress: Progress | None) -> list[float]:
+        mode, steps = self.hyper.mode, self.hyper.local_steps
+        losses: list[float] = []
+        if mode == "sl":
+            total = steps * self.num_clients
+            for k, client in enumerate(self.clients):
+                for i in range(steps):
+                    losses += self._split_iteration([client], self.servers)
+                    _report(progress, k * steps + i + 1, total)
+            return losses
+        for i in range(steps):
+            if mode == "sfl":
+                losses += self._split_iteration(self.clients, self.servers)
+            else:  # centralized (one pooled client) and fl: the whole model, no cut
+                losses += [self._full_step(c, self.servers[k]) for k, c in enumerate(self.clients)]
+            _report(progress, i + 1, steps)
+        return losses
+
+    def _split_iteration(self, clients: list[ClientState], servers: list[Adapter]) -> list[float]:
+        """One synchronous local iteration over the cut (spec §1): forward, MS step, backward."""
+        batches = [c.next_batch() for c in clients]
+        hidden = [client_forward(self.split.client, c.adapter.tensors, b) for c, b in zip(clients, batches)]
+        sent = [to_cut(h) for h in hidden]
+        check_cut(sent, batches, self._hidden_size, self._dtype)
+        if len(servers) == 1:
+            losses, grads = serve_shared(self.split.server, servers[0], sent, batches)
+        else:
+            losses, grads = serve_per_client(self.split.server, servers, sent, batches)
+        for client, h, g in zip(clients, hidden, grads, strict=True):
+            client_backward(h, g, client.adapter)
+        return losses
+
+    def _full_step(self, client: ClientState, server: Adapter) -> float:
+        """One AdamW step of the whole model (client + server adapter) on the client's next batch."""
+        batch: Batch = client.next_batch()
+        lora = {self._client_full_names[n]: t for n, t in client.adapter.tensors.items()}
+        lora |= {self._server_full_names[n]: t for n, t in server.tensors.items()}
+        out = functional_call(self.split.full, lora, (),
+                              {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+        loss = lm_loss(out.logits, batch.labels)
+        loss.backward()
+        client.adapter.step()
+        server.step()
+        return loss.item()
+
+    def aggregate(self) -> None:
+        """Federated server: FedAvg (weights D_k) of the client adapters, and of the server adapters
+        where there are K of them, then broadcast (spec §1).  A no-op for a single party."""
+        if len(self.client_adapters) == self.num_clients > 1:
+            aggregate_and_broadcast(self.client_adapters, self.data_sizes)
+        if len(self.servers) == self.num_clients > 1:
+            aggregate_and_broadcast(self.servers, self.data_sizes)
+
+    # ---------------------------------------------------------------- the global adapter
+    @torch.no_grad()
+    def load_global_adapter(self) -> None:
+        """Write the current global client and server adapters into ``split.full`` (e.g. to evaluate).
+
+        After :meth:`run_round` every client (and server) adapter equals the broadcast global one.
+        """
+        for module, adapter in ((self.split.client, self.client_adapters[0]), (self.split.server, self.servers[0])):
+            params = dict(module.named_parameters())
+            for name, t in adapter.tensors.items():
+                params[name].copy_(t)
+
+    # ---------------------------------------------------------------- state
+    def _live_state(self) -> dict[str, Tensor]:
+        state: dict[str, Tensor] = {}
+        for k, adapter in enumerate(self.client_adapters):
+            state |= adapter.live_state(f"client.{k}")
+        for k, adapter in enumerate(self.servers):
+            state |= adapter.live_state(f"server.{k}")
+        return state
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed to resume bit-identically, as a flat dict of tensors (safetensors-safe):
+        adapters, AdamW moments and step counts, data cursors ``(epoch, position)`` and the torch RNG state."""
+        state = {name: t.detach().clone() for name, t in self._live_state().items()}
+        for k, client in enumerate(self.clients):
+            state[f"cursor.{k}"] = torch.tensor([client.cursor.epoch, client.cursor.position], dtype=torch.int64)
+        state["rng.torch"] = self._rng_state.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict`; raises ValueError naming the first missing, unexpected or
+        mis-shaped/mis-typed key.  Nothing is changed unless the whole state validates."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing:
+            raise ValueError(f"federation state is missing key {missing[0]!r} ({len(missing)} missing)")
+        if unexpected:
+            raise ValueError(f"federation state has unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        for name, ref in expected.items():
+            got = state[name]
+            if not isinstance(got, Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
+                desc = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, Tensor) else type(got).__name__
+                raise ValueError(f"federation state key {name!r}: expected {tuple(ref.shape)} {ref.dtype}, got {desc}")
+        for k, client in enumerate(self.clients):
+            epoch, position = (int(v) for v in state[f"cursor.{k}"])
+            if epoch < 0 or not 0 <= position < client.num_examples:
+                raise ValueError(f"federation state key 'cursor.{k}': invalid cursor (epoch {epoch}, "
+                                 f"position {position}) for {client.num_examples} examples")
+        with torch.no_grad():
+            for name, live in self._live_state().items():
+                live.copy_(state[name])
+        for k, client in enumerate(self.clients):
+            epoch, position = (int(v) for v in state[f"cursor.{k}"])
+            client.cursor = Cursor(epoch, position)
+        self._rng_state = state["rng.torch"].clone()
+
+
+def _report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def make_federation(split: SplitModel, client_data: list, hyper: Hyper) -> Federation:
+    """Set up K clients (one per ``client_data`` entry), the main server and the federated server.
+
+    Every party starts from the adapters currently in ``split`` (the broadcast initial adapter).
+    """
+    return Federation(split, client_data, hyper)
+
+
+__all__ = ["Federation", "Hyper", "make_federation"]
