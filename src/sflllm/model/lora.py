@@ -1,0 +1,59 @@
+"""LoRA adapters through peft (``LoraConfig`` + ``get_peft_model``, task type CAUSAL_LM)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Integral
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from sflllm.model.families import family
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+) -> PeftModel:
+    """Wrap ``model`` with rank-``rank`` LoRA adapters on ``targets`` and freeze the base weights.
+
+    ``targets`` defaults to the family's :func:`~sflllm.model.families.default_lora_targets` and is
+    matched like peft does (a module whose qualified name ends with the target). LoRA ``A`` is
+    initialised from ``seed`` (the global RNG is left untouched); LoRA ``B`` starts at zero, so the
+    wrapped model computes exactly what ``model`` did. peft injects the adapters into ``model`` in
+    place.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    fam = family(model.config.model_type)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=int(rank),
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets) if targets is not None else list(fam.lora_targets),
+        fan_in_fan_out=fam.fan_in_fan_out,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def lora_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA parameters under ``module`` by name relative to it (peft's ``lora_`` naming).
+
+    The names are those ``torch.func.functional_call(module, tensors, args)`` expects, so per-client
+    adapter tensors can be swapped in without touching the shared frozen base.
+    """
+    return {name: param for name, param in module.named_parameters() if "lora_" in name}
