@@ -1,0 +1,703 @@
+"""One uplink's subchannel assignment and power control (spec §5, the per-link problem).
+
+For a fixed split layer and rank, the MS link and the FS link each pose the problem
+
+    min over owner x and powers p of  max_k ( c[k] + D / R[k] )
+
+subject to the assignment and power constraints of spec §3.  This module solves it:
+
+* :func:`power_control` -- exact optimum for a fixed assignment (spec §5 step 2);
+* :func:`greedy_assignment` -- the greedy subchannel allocation (spec §5 step 1, and step 3's re-run);
+* :func:`solve_link` -- the "proposed" heuristic: steps 1-3 plus a local search;
+* :func:`solve_link_exact` -- the global optimum for small instances (bounds the gap of "proposed");
+* :func:`equal_power`, :func:`random_assignment` -- the baselines' building blocks.
+
+numpy/scipy only.  Throughout, ``snr[k, i] = g[k][i] / (N0 * W)`` is client k's signal-to-noise
+ratio per watt on subchannel i, so that a subchannel carries ``W * log2(1 + p * snr)`` bit/s.
+
+Water-filling facts used below (both have a closed form over the sorted active set).  For
+subchannels with snr a_1 >= a_2 >= ... the power-optimal split is p_i = (mu - 1/a_i)^+ with
+water level mu, and the active set is a prefix {1..m}:
+
+* rate from a power budget P ("forward"):  mu_m = (P + sum_{i<=m} 1/a_i) / m, and m is the number
+  of prefixes with mu_m * a_m > 1; the rate is W * (m * log2(mu) + sum_{i<=m} log2 a_i).
+* minimum power for a rate of rho bit/s/Hz ("inverse"):  log2 mu_m = (rho - sum_{i<=m} log2 a_i) / m,
+  m again the number of prefixes with mu_m * a_m > 1; the power is m * mu - sum_{i<=m} 1/a_i.
+
+(If mu_m * a_{m+1} > 1 then also mu_{m+1} * a_{m+1} > 1 and conversely, so the prefixes that pass
+the test are exactly 1..m* and counting them finds m*.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from bisect import insort
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import brentq
+
+__all__ = [
+    "EXACT_MAX_WORK",
+    "InstanceTooLarge",
+    "Link",
+    "LinkAllocation",
+    "equal_power",
+    "greedy_assignment",
+    "power_control",
+    "random_assignment",
+    "rates",
+    "solve_link",
+    "solve_link_exact",
+]
+
+#: solve_link_exact refuses instances with K * 3**M above this (the subset DP's work per feasibility
+#: test): M <= 12 with K <= 4, M <= 11 with K <= 12, M <= 10 with K <= 37.  About 0.1-1 s each.
+EXACT_MAX_WORK = 2_200_000
+
+#: spec §5 step 3: at most this many alternation passes.
+MAX_ALTERNATION_PASSES = 10
+
+#: local search budget (see :func:`_neighbourhood`, :func:`_local_search`): instances with at most
+#: LOCAL_SEARCH_FULL moves + swaps score all of them, larger ones the LOCAL_SEARCH_SCREENED most
+#: promising moves and as many swaps; exact power controls of single neighbours per pass; passes.
+LOCAL_SEARCH_FULL = 2048
+LOCAL_SEARCH_SCREENED = 256
+LOCAL_SEARCH_EXACT_PER_PASS = 4
+LOCAL_SEARCH_MAX_PASSES = 100
+
+_REL_IMPROVEMENT = 1e-12  # an objective must drop by this relative amount to count as progress
+
+
+class InstanceTooLarge(ValueError):
+    """The exact solver was asked for an instance too large to enumerate in reasonable time."""
+
+
+@dataclass(frozen=True, eq=False)
+class Link:
+    """One uplink (MS or FS) of spec §3.
+
+    gains: (K, M) linear power gains g[k][i]; bandwidth_hz: W per subchannel; noise_w_per_hz: N0;
+    p_max_w: (K,) per-client power budget on this link; p_th_w: the link's total power budget.
+    """
+
+    gains: np.ndarray
+    bandwidth_hz: float
+    noise_w_per_hz: float
+    p_max_w: np.ndarray
+    p_th_w: float
+
+    def __post_init__(self) -> None:
+        gains = np.asarray(self.gains, dtype=float)
+        if gains.ndim != 2:
+            raise ValueError(f"Link.gains must be a (K, M) matrix, got shape {gains.shape}")
+        k, m = gains.shape
+        if k < 1:
+            raise ValueError("Link.gains has no clients (K = 0)")
+        if k > m:
+            raise ValueError(
+                f"Link.gains: K = {k} clients but only M = {m} subchannels; every client needs one (K <= M)"
+            )
+        if not np.all(np.isfinite(gains)) or np.any(gains <= 0):
+            raise ValueError("Link.gains must be finite and positive")
+        for name in ("bandwidth_hz", "noise_w_per_hz", "p_th_w"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Link.{name} must be finite and positive, got {value}")
+            object.__setattr__(self, name, value)
+        p_max = np.asarray(self.p_max_w, dtype=float)
+        if p_max.shape != (k,):
+            raise ValueError(f"Link.p_max_w must have shape ({k},) to match gains, got {p_max.shape}")
+        if not np.all(np.isfinite(p_max)) or np.any(p_max <= 0):
+            raise ValueError("Link.p_max_w must be finite and positive")
+        object.__setattr__(self, "gains", gains)
+        object.__setattr__(self, "p_max_w", p_max)
+
+    @property
+    def num_clients(self) -> int:
+        return self.gains.shape[0]
+
+    @property
+    def num_subchannels(self) -> int:
+        return self.gains.shape[1]
+
+    @functools.cached_property
+    def snr(self) -> np.ndarray:
+        """(K, M) SNR per watt, g / (N0 * W)."""
+        return self.gains / (self.noise_w_per_hz * self.bandwidth_hz)
+
+
+@dataclass(frozen=True, eq=False)
+class LinkAllocation:
+    """An assignment with powers and what it achieves on one link."""
+
+    owner: np.ndarray  # (M,) int, owner client of each subchannel
+    power_w: np.ndarray  # (M,)
+    rate_bps: np.ndarray  # (K,)
+    latency_s: np.ndarray  # (K,) c[k] + D/R[k]
+    value_s: float  # max_k latency_s
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_owner(link: Link, owner) -> np.ndarray:
+    owner = np.asarray(owner)
+    k, m = link.gains.shape
+    if owner.shape != (m,):
+        raise ValueError(f"owner must have shape ({m},) (one client per subchannel), got {owner.shape}")
+    if owner.size and not np.issubdtype(owner.dtype, np.integer):
+        raise ValueError(f"owner must hold integer client indices, got dtype {owner.dtype}")
+    if np.any(owner < 0) or np.any(owner >= k):
+        raise ValueError(f"owner holds client indices outside 0..{k - 1}")
+    counts = np.bincount(owner, minlength=k)
+    if np.any(counts == 0):
+        raise ValueError(f"owner leaves client(s) {np.flatnonzero(counts == 0).tolist()} without a subchannel")
+    return owner.astype(np.intp)
+
+
+def _check_demand(link: Link, c, data_bits) -> tuple[np.ndarray, float]:
+    c = np.asarray(c, dtype=float)
+    if c.shape != (link.num_clients,):
+        raise ValueError(f"c must have shape ({link.num_clients},) (one per client), got {c.shape}")
+    if not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise ValueError("c (per-client fixed latency) must be finite and non-negative")
+    data_bits = float(data_bits)
+    if not (math.isfinite(data_bits) and data_bits > 0):
+        raise ValueError(f"D (bits to send) must be finite and positive, got {data_bits}")
+    return c, data_bits
+
+
+# ----------------------------------------------------------------------------------------------
+# water-filling on rows of descending-sorted snr, padded with zeros (= not owned)
+
+
+def _prefix_sums(sorted_snr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prefix sums of log2 a and 1/a over the last axis, and the valid (owned) mask."""
+    valid = sorted_snr > 0
+    safe = np.where(valid, sorted_snr, 1.0)
+    cum_log = np.cumsum(np.where(valid, np.log2(safe), 0.0), axis=-1)
+    cum_inv = np.cumsum(np.where(valid, 1.0 / safe, 0.0), axis=-1)
+    return valid, cum_log, cum_inv
+
+
+class _Rows:
+    """Descending-sorted snr rows with their prefix sums, for repeated water-filling."""
+
+    def __init__(self, sorted_snr: np.ndarray):
+        self.snr = sorted_snr
+        self.valid, self.cum_log, self.cum_inv = _prefix_sums(sorted_snr)
+        self.log_snr = np.log2(np.where(self.valid, sorted_snr, 1.0))
+        self.count = np.arange(1, sorted_snr.shape[-1] + 1, dtype=float)
+
+    def min_power(self, bits_per_hz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse water-filling: minimum total power reaching ``bits_per_hz`` on each row, and mu.
+
+        Rows with no owned subchannel get infinite power; a zero demand costs zero power.
+        """
+        rho = np.asarray(bits_per_hz, dtype=float)[..., None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            log_mu = (rho - self.cum_log) / self.count
+            active = self.valid & (log_mu + self.log_snr > 0)
+            m = active.sum(axis=-1)
+            idx = np.maximum(m - 1, 0)[..., None]
+            log_mu_m = np.take_along_axis(log_mu, idx, axis=-1)[..., 0]
+            mu = np.exp2(log_mu_m)
+            power = m * mu - np.take_along_axis(self.cum_inv, idx, axis=-1)[..., 0]
+        power = np.where(m > 0, np.maximum(power, 0.0), 0.0)
+        power = np.where(self.valid[..., 0] | (rho[..., 0] <= 0), power, np.inf)
+        return power, np.where(m > 0, mu, 0.0)
+
+    def max_rate(self, power_w: np.ndarray) -> np.ndarray:
+        """Forward water-filling: the largest rate (bit/s/Hz) of each row with ``power_w`` spread."""
+        budget = np.asarray(power_w, dtype=float)[..., None]
+        mu = (budget + self.cum_inv) / self.count
+        active = self.valid & (mu * np.where(self.valid, self.snr, 1.0) > 1)
+        m = active.sum(axis=-1)
+        idx = np.maximum(m - 1, 0)[..., None]
+        mu_m = np.take_along_axis(mu, idx, axis=-1)[..., 0]
+        with np.errstate(divide="ignore"):
+            bits = m * np.log2(mu_m) + np.take_along_axis(self.cum_log, idx, axis=-1)[..., 0]
+        return np.where(m > 0, bits, 0.0)
+
+
+def _owned_rows(snr: np.ndarray, owner: np.ndarray) -> _Rows:
+    """Each client's owned snr, sorted descending, padded with zeros to the largest ownership."""
+    k = snr.shape[0]
+    mine = np.arange(k)[:, None] == owner[None, :]
+    width = int(np.bincount(owner, minlength=k).max())
+    owned = np.where(mine, snr, 0.0)
+    return _Rows(-np.sort(-owned, axis=1)[:, :width])
+
+
+# ----------------------------------------------------------------------------------------------
+# public building blocks
+
+
+def rates(link: Link, owner, power) -> np.ndarray:
+    """Per-client uplink rates R[k] in bit/s for an assignment and per-subchannel powers (spec §3)."""
+    owner = _check_owner(link, owner)
+    power = np.asarray(power, dtype=float)
+    if power.shape != owner.shape:
+        raise ValueError(f"power must have shape {owner.shape} (one per subchannel), got {power.shape}")
+    if not np.all(np.isfinite(power)) or np.any(power < 0):
+        raise ValueError("power must be finite and non-negative")
+    m = owner.size
+    per_subchannel = link.bandwidth_hz * np.log2(1.0 + power * link.snr[owner, np.arange(m)])
+    return np.bincount(owner, weights=per_subchannel, minlength=link.num_clients)
+
+
+def _allocation(link: Link, owner: np.ndarray, power: np.ndarray, c: np.ndarray, data_bits: float) -> LinkAllocation:
+    rate = rates(link, owner, power)
+    with np.errstate(divide="ignore"):
+        latency = c + data_bits / rate
+    return LinkAllocation(
+        owner=owner.copy(), power_w=power, rate_bps=rate, latency_s=latency, value_s=float(latency.max())
+    )
+
+
+def _fit_budgets(link: Link, owner: np.ndarray, power: np.ndarray) -> np.ndarray:
+    """Scale powers down (by a hair, after rounding) so no per-client or link budget is exceeded."""
+    k = link.num_clients
+    per_client = np.bincount(owner, weights=power, minlength=k)
+    over = per_client > link.p_max_w
+    if np.any(over):
+        factor = np.where(over, link.p_max_w / np.where(over, per_client, 1.0) * (1 - 4e-16), 1.0)
+        power = power * factor[owner]
+    total = power.sum()
+    if total > link.p_th_w:
+        power = power * (link.p_th_w / total * (1 - 4e-16))
+    return power
+
+
+def _bits_per_hz(link: Link, c: np.ndarray, data_bits: float, t: float) -> np.ndarray:
+    """Spectral efficiency each client needs for latency t: D / (W (t - c[k])); inf if t <= c[k]."""
+    with np.errstate(divide="ignore"):
+        return np.where(t > c, data_bits / (link.bandwidth_hz * (t - c)), np.inf)
+
+
+def power_control(link: Link, owner, c, D) -> LinkAllocation:
+    """Exact optimal powers for a fixed assignment (spec §5 step 2).
+
+    Solves min t s.t. c[k] + D/R[k] <= t, per-client sums <= Pmax[k], link sum <= Pth.  Each client
+    alone can reach t_k = c[k] + D / R_k(min(Pmax[k], Pth)) (forward water-filling); if the minimum
+    powers at t_lo = max_k t_k fit within Pth, t_lo is optimal (Pmax binds).  Otherwise Pth binds and
+    t* solves sum_k P_k(t) = Pth, P_k(t) the inverse water-filling power for rate D / (t - c[k]);
+    the sum is continuous and decreasing in t, so Brent's method finds t* to machine precision.
+    Every client is given its minimum power for t*, so all latencies equal t* (up to rounding).
+    """
+    owner = _check_owner(link, owner)
+    c, data_bits = _check_demand(link, c, D)
+    rows = _owned_rows(link.snr, owner)
+    w = link.bandwidth_hz
+
+    def need(t: float) -> tuple[np.ndarray, np.ndarray]:
+        return rows.min_power(_bits_per_hz(link, c, data_bits, t))
+
+    alone = c + data_bits / (w * rows.max_rate(np.minimum(link.p_max_w, link.p_th_w)))
+    t_lo = float(alone.max())
+    powers, mu = need(t_lo)
+    if powers.sum() > link.p_th_w:
+        shared = c + data_bits / (w * rows.max_rate(np.minimum(link.p_max_w, link.p_th_w / link.num_clients)))
+        t_hi = float(shared.max())
+        t_star = brentq(
+            lambda t: need(t)[0].sum() - link.p_th_w, t_lo, t_hi, xtol=1e-300, rtol=4 * np.finfo(float).eps
+        )
+        powers, mu = need(t_star)
+    snr_own = link.snr[owner, np.arange(owner.size)]
+    power = np.maximum(mu[owner] - 1.0 / snr_own, 0.0)
+    return _allocation(link, owner, _fit_budgets(link, owner, power), c, data_bits)
+
+
+def equal_power(link: Link, owner) -> np.ndarray:
+    """The equal_power baseline (spec §5): Pmax[k] spread equally, all scaled down to fit Pth."""
+    owner = _check_owner(link, owner)
+    counts = np.bincount(owner, minlength=link.num_clients)
+    power = (link.p_max_w / counts)[owner]
+    return _fit_budgets(link, owner, power)
+
+
+def _client_bits_per_hz(negated_snr: list[float], budget_w: float) -> float:
+    """Forward water-filling of one client (scalar form of :meth:`_Rows.max_rate`).
+
+    ``negated_snr`` is the client's -snr in ascending order.  The greedy calls this once per
+    subchannel handed out, on a few entries, where numpy's per-call overhead would dominate.
+    """
+    inv_sum = log_sum = 0.0
+    bits = 0.0
+    for m, neg in enumerate(negated_snr, start=1):
+        a = -neg
+        inv_sum += 1.0 / a
+        mu = (budget_w + inv_sum) / m
+        if mu * a <= 1.0:
+            break
+        log_sum += math.log2(a)
+        bits = m * math.log2(mu) + log_sum
+    return bits
+
+
+def greedy_assignment(link: Link, c, D, budget_w=None) -> np.ndarray:
+    """Greedy subchannel allocation (spec §5 step 1); returns the (M,) owner array.
+
+    Clients in decreasing c[k] (lowest index on ties) each take their best remaining subchannel.
+    Then, while subchannels remain, the straggler -- largest c[k] + D/R[k] with ``budget_w[k]``
+    water-filled over its current subchannels, lowest index on ties -- takes the remaining subchannel
+    that raises its rate most, which is its largest-gain remaining one (the water-filled rate is
+    non-decreasing in the added subchannel's gain, so this is always a maximiser).
+
+    ``budget_w`` defaults to Pmax (step 1; Pth ignored).  Step 3 passes each client's total power in
+    the current solution instead: exact power control equalises every latency at t*, so those
+    latencies cannot order stragglers, but the powers they were reached with can.
+    """
+    c, data_bits = _check_demand(link, c, D)
+    k, m = link.gains.shape
+    budget = link.p_max_w if budget_w is None else np.asarray(budget_w, dtype=float)
+    if budget.shape != (k,) or not np.all(np.isfinite(budget)) or np.any(budget < 0):
+        raise ValueError(f"budget_w must be ({k},) finite non-negative powers, got shape {budget.shape}")
+    snr = link.snr
+    owner = np.full(m, -1, dtype=np.intp)
+    free = np.ones(m, dtype=bool)
+    held: list[list[float]] = [[] for _ in range(k)]  # each client's snr, descending
+
+    def take(client: int) -> None:
+        j = int(np.argmax(np.where(free, snr[client], -np.inf)))
+        owner[j], free[j] = client, False
+        insort(held[client], -snr[client, j])
+
+    def latency(client: int) -> float:
+        bits = _client_bits_per_hz(held[client], float(budget[client]))
+        return c[client] + data_bits / (link.bandwidth_hz * bits) if bits > 0 else math.inf
+
+    for client in np.argsort(-c, kind="stable"):
+        take(int(client))
+    lat = np.array([latency(i) for i in range(k)])
+    for _ in range(m - k):
+        straggler = int(np.argmax(lat))
+        take(straggler)
+        lat[straggler] = latency(straggler)
+    return owner
+
+
+def random_assignment(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
+    """Uniform random owners, redrawn until every client owns a subchannel (spec §5 baselines).
+
+    Each draw is ``rng.integers(0, K, size=M)``.  When K is close to M almost no draw covers every
+    client (K = M = 20 succeeds with probability 2e-8), so after 10 000 rejected draws the remaining
+    work switches to an exact sequential sampler of the same distribution (uniform over assignments
+    that cover every client), which needs no rejection.
+    """
+    if not (isinstance(K, (int, np.integer)) and isinstance(M, (int, np.integer))) or K < 1 or M < 1:
+        raise ValueError(f"random_assignment needs positive integers K and M, got K={K!r}, M={M!r}")
+    if K > M:
+        raise ValueError(f"random_assignment: K = {K} clients cannot each own one of M = {M} subchannels")
+    for _ in range(10_000):
+        owner = rng.integers(0, K, size=M)
+        if np.bincount(owner, minlength=K).min() > 0:
+            return owner
+    return _uniform_covering(rng, int(K), int(M))
+
+
+def _uniform_covering(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
+    """Exact uniform draw of an owner array that covers all K clients, subchannel by subchannel.
+
+    With r subchannels still to assign and u clients not yet covered, the number of completions is
+    N(r, u) = sum_j (-1)^j C(u, j) (K - j)^r; the next subchannel goes to a given uncovered client with
+    probability N(r-1, u-1)/N(r, u), to a given covered one with N(r-1, u)/N(r, u).
+    """
+
+    @functools.cache
+    def completions(r: int, u: int) -> int:
+        return sum((-1) ** j * math.comb(u, j) * (K - j) ** r for j in range(u + 1))
+
+    covered = np.zeros(K, dtype=bool)
+    owner = np.empty(M, dtype=np.int64)
+    for i in range(M):
+        r, u = M - i, int((~covered).sum())
+        p_uncovered = completions(r - 1, u - 1) * u / completions(r, u) if u else 0.0
+        pool = np.flatnonzero(~covered) if rng.random() < p_uncovered else np.flatnonzero(covered)
+        owner[i] = pool[rng.integers(pool.size)]
+        covered[owner[i]] = True
+    return owner
+
+
+# ----------------------------------------------------------------------------------------------
+# "proposed": spec §5 steps 1-3 and a local search
+
+
+def _alternate(link: Link, c: np.ndarray, data_bits: float) -> LinkAllocation:
+    """Spec §5 steps 1-3: greedy, exact power control, re-run greedy with the solution's powers."""
+    best = power_control(link, greedy_assignment(link, c, data_bits), c, data_bits)
+    for _ in range(MAX_ALTERNATION_PASSES):
+        used = np.bincount(best.owner, weights=best.power_w, minlength=link.num_clients)
+        owner = greedy_assignment(link, c, data_bits, budget_w=used)
+        if np.array_equal(owner, best.owner):
+            break
+        candidate = power_control(link, owner, c, data_bits)
+        if candidate.value_s >= best.value_s * (1 - _REL_IMPROVEMENT):
+            break
+        best = candidate
+    return best
+
+
+def _insert_sorted(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Append one value to each descending-sorted row (zero padded) and keep the rows sorted."""
+    return -np.sort(-np.concatenate([rows, values[..., None]], axis=-1), axis=-1)
+
+
+def _subchannel_value(snr: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """First-order power a subchannel of snr a saves a client whose water level is mu.
+
+    Without it the client loses log2(mu a) bit/s/Hz, which costs mu ln 2 per bit/s/Hz elsewhere,
+    and frees its own mu - 1/a: the net is (x ln x - x + 1) / a with x = mu a (0 when inactive).
+    Used only to rank moves and swaps on large instances; their merit is then computed exactly.
+    """
+    x = np.maximum(mu * snr, 1.0)
+    return (x * np.log(x) - x + 1.0) / snr
+
+
+def _top(score: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest scores (all indices when there are not more than that)."""
+    if score.size <= count:
+        return np.arange(score.size)
+    return np.argpartition(-score, count)[:count]
+
+
+def _neighbourhood(
+    link: Link, owner: np.ndarray, c: np.ndarray, data_bits: float, t: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed-t view of single moves and swaps of subchannels.
+
+    At the current value t every client k needs D/(t - c[k]) bit/s; an assignment reaches t iff its
+    minimum powers P_k satisfy phi = max(sum_k P_k / Pth, max_k P_k / Pmax[k]) <= 1, and phi < 1
+    means a strictly lower value.  A move (subchannel j to client r) or a swap (j1 <-> j2) changes
+    two clients' powers, so only those need a new inverse water-filling.
+
+    Every move and swap is scored when there are at most LOCAL_SEARCH_FULL of them; otherwise the
+    LOCAL_SEARCH_SCREENED best of each by :func:`_subchannel_value`.  Returns, per neighbour, the
+    two (subchannel, new owner) changes -- a move's second change is a no-op on its own subchannel --
+    the two touched clients' new powers minus their old ones, and phi.
+    """
+    k, m = link.gains.shape
+    snr = link.snr
+    cols = np.arange(m)
+    rho = _bits_per_hz(link, c, data_bits, t)
+    rows = _owned_rows(snr, owner)
+    width = rows.snr.shape[1]
+    base, mu = rows.min_power(rho)
+    counts = np.bincount(owner, minlength=k)
+
+    mv_r, mv_j = np.nonzero(owner[None, :] != np.arange(k)[:, None])
+    sw_1, sw_2 = np.triu_indices(m, k=1)
+    keep = owner[sw_1] != owner[sw_2]
+    sw_1, sw_2 = sw_1[keep], sw_2[keep]
+    if mv_r.size + sw_1.size > LOCAL_SEARCH_FULL:
+        value = _subchannel_value(snr, mu[:, None])
+        held = value[owner, cols]
+        pick = _top(value[mv_r, mv_j] - held[mv_j], LOCAL_SEARCH_SCREENED)
+        mv_r, mv_j = mv_r[pick], mv_j[pick]
+        gain = value[owner[sw_1], sw_2] + value[owner[sw_2], sw_1] - held[sw_1] - held[sw_2]
+        pick = _top(gain, LOCAL_SEARCH_SCREENED)
+        sw_1, sw_2 = sw_1[pick], sw_2[pick]
+
+    # each subchannel's owner without it (inf power when that would leave the owner with none)
+    mine = owner[:, None] == owner[None, :]
+    without = -np.sort(-np.where(mine & (cols[:, None] != cols[None, :]), snr[owner], 0.0), axis=1)[:, :width]
+    loss, _ = _Rows(without).min_power(rho[owner])
+    loss = np.where(counts[owner] > 1, loss, np.inf)
+
+    # new powers: the receiver of a move, and both sides of a swap
+    received, _ = _Rows(
+        _insert_sorted(
+            np.concatenate([rows.snr[mv_r], without[sw_1], without[sw_2]]),
+            np.concatenate([snr[mv_r, mv_j], snr[owner[sw_1], sw_2], snr[owner[sw_2], sw_1]]),
+        )
+    ).min_power(np.concatenate([rho[mv_r], rho[owner[sw_1]], rho[owner[sw_2]]]))
+    n_mv, n_sw = mv_r.size, sw_1.size
+
+    first = np.concatenate([mv_j, sw_1])
+    second = np.concatenate([mv_j, sw_2])
+    a = np.concatenate([mv_r, owner[sw_1]])
+    b = np.concatenate([owner[mv_j], owner[sw_2]])
+    pa = np.concatenate([received[:n_mv], received[n_mv : n_mv + n_sw]])
+    pb = np.concatenate([loss[mv_j], received[n_mv + n_sw :]])
+    changes = np.stack([first, np.concatenate([mv_r, owner[sw_2]]), second, np.concatenate([owner[mv_j], owner[sw_1]])], axis=1)
+    delta = np.stack([pa - base[a], pb - base[b]], axis=1)
+
+    ratio = base / link.p_max_w
+    untouched = np.full(a.size, -np.inf)  # largest ratio among the clients a neighbour leaves alone
+    for idx in np.argsort(-ratio)[:3][::-1]:
+        untouched = np.where((a != idx) & (b != idx), ratio[idx], untouched)
+    total = base.sum() + delta.sum(axis=1)
+    phi = np.maximum.reduce([total / link.p_th_w, pa / link.p_max_w[a], pb / link.p_max_w[b], untouched])
+    return changes, np.stack([a, b], axis=1), delta, phi, base
+
+
+def _disjoint_batch(
+    link: Link, changes: np.ndarray, clients: np.ndarray, delta: np.ndarray, phi: np.ndarray, base: np.ndarray
+) -> np.ndarray:
+    """Improving neighbours (best phi first) that touch pairwise different clients, applied together.
+
+    Their power changes add up, each keeps its clients within Pmax, and the batch stops before the
+    total would exceed Pth; so at the current t the batch is feasible with slack as well.
+    """
+    chosen = []
+    used = np.zeros(link.num_clients, dtype=bool)
+    total = base.sum()
+    for n in np.argsort(phi, kind="stable"):
+        if phi[n] >= 1 - _REL_IMPROVEMENT:
+            break
+        a, b = clients[n]
+        if used[a] or used[b] or delta[n].sum() >= 0:
+            continue
+        if total + delta[n].sum() > link.p_th_w:
+            continue
+        chosen.append(n)
+        used[[a, b]] = True
+        total += delta[n].sum()
+    return np.array(chosen, dtype=np.intp)
+
+
+def _apply(owner: np.ndarray, changes: np.ndarray) -> np.ndarray:
+    new = owner.copy()
+    for j1, r1, j2, r2 in changes:
+        new[j1], new[j2] = r1, r2
+    return new
+
+
+def _local_search(link: Link, c: np.ndarray, data_bits: float, start: LinkAllocation) -> LinkAllocation:
+    """Move one subchannel to another client, or swap two, while the exact value drops.
+
+    Each pass scores neighbours by phi at the current value (:func:`_neighbourhood`) and re-solves
+    with exact power control (a) every improving neighbour touching different clients, applied
+    together, and (b) on instances scored in full, the LOCAL_SEARCH_EXACT_PER_PASS best single
+    neighbours; it keeps the best if it lowers the value.  At most LOCAL_SEARCH_MAX_PASSES passes.
+    """
+    best = start
+    for _ in range(LOCAL_SEARCH_MAX_PASSES):
+        changes, clients, delta, phi, base = _neighbourhood(link, best.owner, c, data_bits, best.value_s)
+        hopeful = np.flatnonzero(phi < 1 - _REL_IMPROVEMENT)
+        if hopeful.size == 0:
+            break
+        trials = []
+        batch = _disjoint_batch(link, changes, clients, delta, phi, base)
+        if batch.size > 1:
+            trials.append(changes[batch])
+        if len(phi) <= LOCAL_SEARCH_FULL or not trials:
+            singles = hopeful[np.argsort(phi[hopeful], kind="stable")[:LOCAL_SEARCH_EXACT_PER_PASS]]
+            trials.extend(changes[[n]] for n in singles)
+        improved = best
+        for trial in trials:
+            candidate = power_control(link, _apply(best.owner, trial), c, data_bits)
+            if candidate.value_s < improved.value_s:
+                improved = candidate
+        if improved.value_s >= best.value_s * (1 - _REL_IMPROVEMENT):
+            break
+        best = improved
+    return best
+
+
+def solve_link(link: Link, c, D) -> LinkAllocation:
+    """The "proposed" per-link solver: spec §5 steps 1-3, then a local search of moves and swaps.
+
+    Cost per local-search pass: O(K*M + M^2) scoring, exact two-client re-evaluation of at most
+    LOCAL_SEARCH_FULL neighbours (2 * LOCAL_SEARCH_SCREENED on larger instances), and one to
+    LOCAL_SEARCH_EXACT_PER_PASS + 1 exact power controls.
+    """
+    c, data_bits = _check_demand(link, c, D)
+    return _local_search(link, c, data_bits, _alternate(link, c, data_bits))
+
+
+# ----------------------------------------------------------------------------------------------
+# exact solver for small instances
+
+
+@functools.cache
+def _subset_pairs(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (S, T) with T a nonempty subset of S over m items, sorted by S; and each S's first row."""
+    codes = np.arange(3**m, dtype=np.int64)
+    s = np.zeros_like(codes)
+    t = np.zeros_like(codes)
+    for bit in range(m):
+        digit = codes % 3
+        codes //= 3
+        s |= (digit > 0).astype(np.int64) << bit
+        t |= (digit == 2).astype(np.int64) << bit
+    keep = t != 0
+    s, t = s[keep], t[keep]
+    order = np.argsort(s, kind="stable")
+    s, t = s[order], t[order]
+    starts = np.searchsorted(s, np.arange(1, 2**m))
+    return s, t, starts
+
+
+def _subset_rows(snr: np.ndarray) -> _Rows:
+    """(K, 2^M, M) rows: client k's snr on the subchannels of subset S, sorted descending."""
+    m = snr.shape[1]
+    members = (np.arange(2**m)[:, None] >> np.arange(m)[None, :]) & 1
+    owned = np.where(members[None, :, :] == 1, snr[:, None, :], 0.0)
+    return _Rows(-np.sort(-owned, axis=-1))
+
+
+def _min_power_partition(
+    link: Link, subsets: _Rows, c: np.ndarray, data_bits: float, t: float
+) -> np.ndarray | None:
+    """An assignment reaching value t (minimum total power, per-client caps), or None if none can.
+
+    DP over subsets: best[k][S] = min over nonempty T in S of best[k-1][S \\ T] + P_k(T), where
+    P_k(T) is client k's inverse water-filling power on T for rate D/(t - c[k]) (inf above Pmax[k]).
+    """
+    k, m = link.gains.shape
+    full = 2**m - 1
+    rho = _bits_per_hz(link, c, data_bits, t)
+    cost, _ = subsets.min_power(rho[:, None])  # (K, 2^M)
+    cost = np.where(cost <= np.minimum(link.p_max_w, link.p_th_w)[:, None], cost, np.inf)
+    cost[:, 0] = np.inf
+    s, sub, starts = _subset_pairs(m)
+    best = [np.r_[0.0, np.full(full, np.inf)]]
+    for client in range(k):
+        layer = np.full(full + 1, np.inf)
+        layer[1:] = np.minimum.reduceat(best[-1][s ^ sub] + cost[client, sub], starts)
+        best.append(layer)
+    if not best[-1][full] <= link.p_th_w:
+        return None
+    owner = np.empty(m, dtype=np.intp)
+    rest = full
+    for client in range(k - 1, -1, -1):
+        subs = np.arange(1, rest + 1)
+        subs = subs[(subs & rest) == subs]
+        j = int(np.argmin(best[client][rest ^ subs] + cost[client, subs]))
+        part = int(subs[j])
+        owner[[i for i in range(m) if part >> i & 1]] = client
+        rest ^= part
+    return owner
+
+
+def solve_link_exact(link: Link, c, D, rel_tol: float = 1e-10) -> LinkAllocation:
+    """Global optimum of the per-link problem (to ``rel_tol`` relative) for small instances.
+
+    Instead of enumerating all K^M assignments, it lowers t: start from the greedy's value; at
+    t(1 - rel_tol) a subset DP (O(K * 3^M)) finds an assignment whose minimum powers fit every budget,
+    if one exists; its exact power control gives a strictly lower t.  When none exists, no assignment
+    beats the current one by more than rel_tol.  Zero-power subchannels are allowed (every subchannel
+    still has an owner).  Raises InstanceTooLarge when K * 3^M > EXACT_MAX_WORK.
+    """
+    c, data_bits = _check_demand(link, c, D)
+    k, m = link.gains.shape
+    work = k * 3**m
+    if work > EXACT_MAX_WORK:
+        raise InstanceTooLarge(
+            f"solve_link_exact: K={k} clients and M={m} subchannels need K*3^M = {work:.3g} DP steps per "
+            f"test, above the limit {EXACT_MAX_WORK:.3g} (e.g. M <= 12 for K <= 4); use solve_link"
+        )
+    subsets = _subset_rows(link.snr)
+    best = power_control(link, greedy_assignment(link, c, data_bits), c, data_bits)
+    while True:
+        owner = _min_power_partition(link, subsets, c, data_bits, best.value_s * (1 - rel_tol))
+        if owner is None:
+            return best
+        candidate = power_control(link, owner, c, data_bits)
+        if candidate.value_s >= best.value_s:  # rounding at the tolerance's edge: nothing better
+            return best
+        best = candidate
