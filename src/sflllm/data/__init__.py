@@ -11,7 +11,6 @@ from .e2e import (
 )
 from .partition import partition
 from .tokenization import (
-    IGNORE_INDEX,
     PROMPT_TEMPLATE,
     TokenizedExamples,
     build_demo_tokenizer,
@@ -24,7 +23,6 @@ from .tokenization import (
 
 __all__ = [
     "E2E_SLOTS",
-    "IGNORE_INDEX",
     "PROMPT_TEMPLATE",
     "Example",
     "TokenizedExamples",

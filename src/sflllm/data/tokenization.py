@@ -18,12 +18,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from sflllm.model.loss import IGNORE_INDEX  # label value the LM loss ignores (prompt and padding)
+
 from .e2e import SLOT_VALUES, Example, food_phrase, format_mr, normalize_whitespace, synthetic_phrases
 
 #: The fixed prompt around a (whitespace-normalised) MR; the reference follows after one space.
 PROMPT_TEMPLATE = "{mr} =>"
-
-IGNORE_INDEX = -100  # label value ignored by the LM loss (prompt and padding positions)
 
 
 def build_prompt(mr: str) -> str:
