@@ -1,0 +1,459 @@
+"""Joint optimisation of subchannels, power, split layer and rank (spec §5), and the baselines.
+
+For a fixed pair (l, r) the problem separates into the MS link (c[k] = b F_c / f[k], D = b (A+Y))
+and the FS link (c = 0, D = Lam). Everything else in T_total (server compute, downlink, the FS's
+broadcast) does not depend on the allocation, so it is computed for all pairs at once
+(``PairTerms``). With c = 0 the FS problem is scale-free: an allocation optimal for D = 1 bit is
+optimal for every D with value D * (its value at D = 1) (every step of the solvers compares
+latencies D / R[k] that all scale with D), so the FS link is solved once per method.
+
+Search over pairs (spec §5 step 4) is exhaustive but skips pairs that provably cannot win:
+pairs are visited in order of a lower bound on T_total, and the search stops when the next lower
+bound reaches the best value found. Bounds used:
+
+* any allocation: t >= the t solving sum_k D / (t - c[k]) = SR, SR the largest sum rate of the link
+  (each subchannel at its best client's gain, the link's usable power water-filled over them);
+* an exact evaluator (exact power control of a fixed assignment, the exact solver): its optimal
+  value v is non-decreasing in c and drops by at most max_k(c[k] - c'[k]) when c falls to c', and
+  c = F_c * b / f, so a value found at one pair bounds every other pair.
+
+Both are valid lower bounds on the value the evaluator would return, so the result equals the
+unpruned exhaustive search; results are cached per pair, so fixed_split and fixed_rank reuse
+"proposed"'s per-pair solutions and can never beat it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy.optimize import brentq
+
+from sflllm.allocation import link as link_solver
+from sflllm.allocation.link import Link, LinkAllocation
+from sflllm.allocation.scenario import Realised
+from sflllm.cost.delay import (
+    DelayReport,
+    SystemTimes,
+    activation_uplink_bits,
+    broadcast_delay,
+    client_downlink_delays,
+    client_forward_delays,
+    evaluate_delay,
+    iteration_delay,
+    round_delay,
+    server_compute_delay,
+    total_delay,
+)
+from sflllm.cost.profile import CostNumbers, cost_numbers
+from sflllm.network.channels import downlink_rates
+
+BASELINES = ("random_subchannel", "equal_power", "fixed_split", "fixed_rank", "random_all")
+METHODS = ("proposed", "exact") + BASELINES
+
+
+class MethodError(ValueError):
+    """A method cannot run on this scenario (e.g. the exact solver on a large instance)."""
+
+
+# ------------------------------------------------------------------------------------ pair terms
+
+@dataclass(frozen=True)
+class PairTerms:
+    """Allocation-independent parts of T_total for every allowed pair (arrays over pairs)."""
+
+    pairs: tuple[tuple[int, int], ...]
+    numbers: CostNumbers          # F_c, B_c, S, A, Y, G, Lam as arrays over pairs
+    rounds: np.ndarray            # E(r)
+    fixed_iteration_s: np.ndarray  # K b S / f_s + max_k T_down[k]
+    broadcast_s: np.ndarray       # max_k Lam / Rdl_f[k]
+    local_steps: int
+
+    def total(self, index, ms_value_s, fs_value_s):
+        """T_total = E (I (max_k T_up + K b S / f_s + max_k T_down) + broadcast + max_k Lam / R_f)."""
+        t_iter = iteration_delay(ms_value_s, self.fixed_iteration_s[index], 0.0)
+        t_round = round_delay(t_iter, self.broadcast_s[index] + fs_value_s, local_steps=self.local_steps)
+        return total_delay(t_round, rounds=self.rounds[index])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A realised scenario prepared for the search: links, downlink rates and per-pair terms."""
+
+    realised: Realised
+    ms_link: Link
+    fs_link: Link
+    downlink_rate_ms_bps: np.ndarray   # inf when the downlink is disabled (its terms are then 0)
+    downlink_rate_fs_bps: np.ndarray
+    terms: PairTerms
+    ms_bits: float                     # D of the MS link: b (A + Y)
+
+    @property
+    def times(self) -> Callable[[int], SystemTimes]:
+        training = self.realised.scenario.training
+
+        def for_rank(rank: int) -> SystemTimes:
+            return SystemTimes(batch_size=training.batch_size, local_steps=training.local_steps,
+                               rounds=self.realised.rounds(rank), client_flops=self.realised.client_flops,
+                               server_flops=self.realised.scenario.server.flops)
+
+        return for_rank
+
+    def ms_fixed_latency(self, index: int) -> np.ndarray:
+        """c[k] = b F_c(l,r) / f[k] of the MS link for pair ``index``."""
+        return client_forward_delays(self.terms.numbers.F_c[index],
+                                     batch_size=self.realised.scenario.training.batch_size,
+                                     client_flops=self.realised.client_flops)
+
+    def fs_value(self, index, fs_per_bit_s: float):
+        """max_k Lam / R_f[k] for an FS allocation whose value at D = 1 bit is ``fs_per_bit_s``."""
+        return self.terms.numbers.Lam[index] * fs_per_bit_s
+
+
+def build_problem(realised: Realised) -> Problem:
+    """Links (A's ``Link``), downlink rates (spec §3) and every allowed pair's fixed terms (spec §4)."""
+    scenario = realised.scenario
+    network, training, model = scenario.network, scenario.training, scenario.model
+    n0 = realised.noise_w_per_hz
+    ms_link = Link(realised.gains_ms, network.ms_subchannel_hz, n0, realised.p_max_w, network.p_th_ms_w)
+    fs_link = Link(realised.gains_fs, network.fs_subchannel_hz, n0, realised.p_max_w, network.p_th_fs_w)
+    K = realised.num_clients
+    if network.downlink.enabled:
+        dl = dict(bandwidth_hz=network.downlink.bandwidth_hz, power_w=network.downlink.power_w, noise_w_per_hz=n0)
+        rate_dl_ms = downlink_rates(realised.downlink_gain_ms, **dl)
+        rate_dl_fs = downlink_rates(realised.downlink_gain_fs, **dl)
+    else:
+        rate_dl_ms = rate_dl_fs = np.full(K, np.inf)
+    layers = np.array([l for l, _ in realised.pairs])
+    ranks = np.array([r for _, r in realised.pairs])
+    per_pair = cost_numbers(realised.profile, layers, ranks, seq_len=model.seq_len, act_bits=model.act_bits,
+                            token_bits=model.token_bits, weight_bits=model.weight_bits)
+    # A, Y, G do not depend on (l, r): broadcast them so every field is an array over pairs.
+    numbers = CostNumbers(**{key: np.broadcast_to(np.asarray(value, dtype=float), layers.shape)
+                             for key, value in vars(per_pair).items()})
+    b = training.batch_size
+    downlink_max = client_downlink_delays(numbers.B_c[:, None], numbers.G[:, None], batch_size=b,
+                                          client_flops=realised.client_flops,
+                                          downlink_rate_ms_bps=rate_dl_ms).max(axis=1)
+    server = server_compute_delay(numbers.S, num_clients=K, batch_size=b, server_flops=scenario.server.flops)
+    terms = PairTerms(
+        pairs=realised.pairs, numbers=numbers,
+        rounds=np.array([realised.rounds(r) for r in ranks], dtype=float),
+        fixed_iteration_s=server + downlink_max,
+        broadcast_s=broadcast_delay(numbers.Lam, downlink_rate_fs_bps=rate_dl_fs),
+        local_steps=training.local_steps,
+    )
+    return Problem(realised=realised, ms_link=ms_link, fs_link=fs_link, downlink_rate_ms_bps=rate_dl_ms,
+                   downlink_rate_fs_bps=rate_dl_fs, terms=terms,
+                   ms_bits=float(activation_uplink_bits(numbers.A[0], numbers.Y[0], batch_size=b)))
+
+
+# ---------------------------------------------------------------------------------------- bounds
+
+def max_sum_rate_bps(link: Link) -> float:
+    """An upper bound on sum_k R[k] for any assignment and powers: every subchannel at its best
+    client's gain, min(Pth, sum_k Pmax[k]) water-filled over them."""
+    best_snr = -np.sort(-link.snr.max(axis=0))
+    usable = min(link.p_th_w, float(link.p_max_w.sum()))
+    # A's forward water-filling (bit/s/Hz) over one row of descending snr.
+    return float(link_solver._Rows(best_snr[None, :]).max_rate(np.array([usable]))[0]) * link.bandwidth_hz
+
+
+def min_max_latency_bound(c: np.ndarray, data_bits: float, sum_rate_bps: float) -> float:
+    """Lower bound on max_k (c[k] + D / R[k]) when sum_k R[k] <= SR: the t with sum_k D/(t - c[k]) = SR."""
+    lo = float(c.max())
+    need = lambda t: float(np.sum(data_bits / (t - c))) - sum_rate_bps  # noqa: E731  decreasing in t
+    hi = lo + len(c) * data_bits / sum_rate_bps  # at hi every term is <= D / (K D / SR): need(hi) <= 0
+    return brentq(need, np.nextafter(lo, np.inf), hi, rtol=1e-12) if need(hi) < 0 else hi
+
+
+# ---------------------------------------------------------------------------------------- search
+
+@dataclass
+class PairSearch:
+    """Best pair among ``candidates`` for a per-pair MS evaluator, with lower-bound pruning.
+
+    ``evaluate(i)`` returns the MS link's allocation for pair i; ``lower_ms`` a lower bound on its
+    value for every pair; ``monotone`` says the evaluator is exact, so a value found at one pair
+    bounds the others (see the module docstring). ``cache`` (shared between searches with the same evaluator) holds
+    the allocations computed so far.
+    """
+
+    problem: Problem
+    evaluate: Callable[[int], LinkAllocation]
+    lower_ms: np.ndarray
+    fs_value: np.ndarray           # per pair: max_k Lam / R_f[k] of this method's FS allocation
+    monotone: bool
+    cache: dict[int, LinkAllocation] = field(default_factory=dict)
+
+    def best(self, candidates: list[int]) -> int:
+        terms = self.problem.terms
+        F_c = terms.numbers.F_c
+        lower = self.lower_ms.copy()
+        for i, alloc in self.cache.items():
+            self._raise_bounds(lower, F_c, i, alloc.value_s)
+        best_index, best_total = -1, np.inf
+        remaining = list(candidates)
+        while remaining:
+            idx = np.array(remaining)
+            bounds = terms.total(idx, lower[idx], self.fs_value[idx])
+            pick = int(np.argmin(bounds))
+            if bounds[pick] >= best_total:
+                break
+            i = remaining.pop(pick)
+            if i not in self.cache:
+                self.cache[i] = self.evaluate(i)
+            value = self.cache[i].value_s
+            total = terms.total(i, value, self.fs_value[i])
+            if total < best_total or (total == best_total and i < best_index):
+                best_index, best_total = i, total
+            self._raise_bounds(lower, F_c, i, value)
+        return best_index
+
+    def _raise_bounds(self, lower: np.ndarray, F_c: np.ndarray, i: int, value: float) -> None:
+        if self.monotone:
+            # Exact value v(c) with c = F_c * b / f: non-decreasing in c, and lowering every c[k] by
+            # at most delta lowers it by at most delta (spec §5's objective is max_k (c[k] + D/R[k])).
+            slowest = self.problem.realised.scenario.training.batch_size / self.problem.realised.client_flops.min()
+            shortfall = np.maximum(F_c[i] - F_c, 0.0) * slowest
+            lower[:] = np.maximum(lower, value - shortfall)
+        lower[i] = value
+
+
+# --------------------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class Solution:
+    """One method's chosen pair and allocations, with every delay of spec §4."""
+
+    method: str
+    pair_index: int
+    split_layer: int
+    rank: int
+    ms: LinkAllocation
+    fs: LinkAllocation     # solved for D = 1 bit; owner, powers and rates hold for every D (c = 0)
+    delay: DelayReport
+    total_delay_s: float   # delay.total_delay_s, or the mean over draws for a random baseline
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The requested method's solution, the proposed one and every baseline's T_total."""
+
+    problem: Problem
+    optimiser: "Optimiser"
+    solution: Solution
+    proposed: Solution
+    baselines: dict[str, float]
+    timings_s: dict[str, float]
+    solve_time_s: float
+
+
+def _solution(problem: Problem, method: str, index: int, ms: LinkAllocation, fs: LinkAllocation,
+              mean_total_s: float | None = None) -> Solution:
+    l, r = problem.terms.pairs[index]
+    numbers = CostNumbers(**{key: float(value[index]) for key, value in vars(problem.terms.numbers).items()})
+    delay = evaluate_delay(numbers, problem.times(r), rate_ms_bps=ms.rate_bps, rate_fs_bps=fs.rate_bps,
+                           downlink_rate_ms_bps=problem.downlink_rate_ms_bps,
+                           downlink_rate_fs_bps=problem.downlink_rate_fs_bps)
+    total = delay.total_delay_s if mean_total_s is None else mean_total_s
+    return Solution(method=method, pair_index=index, split_layer=l, rank=r, ms=ms, fs=fs, delay=delay,
+                    total_delay_s=total)
+
+
+def default_fixed_split(problem: Problem) -> int:
+    """baselines.fixed_split, or the allowed l nearest floor(L/2) (the smaller on a tie)."""
+    chosen = problem.realised.scenario.baselines.fixed_split
+    if chosen is not None:
+        return chosen
+    target = problem.realised.profile.num_layers // 2
+    return min(problem.realised.split_layers, key=lambda l: (abs(l - target), l))
+
+
+def default_fixed_rank(problem: Problem) -> int:
+    """baselines.fixed_rank, or the allowed r nearest 4 (the smaller on a tie)."""
+    chosen = problem.realised.scenario.baselines.fixed_rank
+    if chosen is not None:
+        return chosen
+    return min({r for _, r in problem.terms.pairs}, key=lambda r: (abs(r - 4), r))
+
+
+class Optimiser:
+    """Runs the methods of spec §5 on one problem, sharing work between them."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        P = len(problem.terms.pairs)
+        self.all_pairs = list(range(P))
+        self._proposed_search: PairSearch | None = None
+        self._ms_bound: np.ndarray | None = None
+
+    # ---- shared pieces
+    def _ms_lower_bound(self) -> np.ndarray:
+        """Sum-rate lower bound on the MS link's value for any allocation, per pair."""
+        if self._ms_bound is None:
+            problem = self.problem
+            rate = max_sum_rate_bps(problem.ms_link)
+            self._ms_bound = np.array([min_max_latency_bound(problem.ms_fixed_latency(i), problem.ms_bits, rate)
+                                       for i in self.all_pairs])
+        return self._ms_bound
+
+    def _fs_link_zero(self) -> np.ndarray:
+        return np.zeros(self.problem.realised.num_clients)
+
+    # ---- proposed and its restrictions
+    def _proposed(self) -> PairSearch:
+        if self._proposed_search is None:
+            problem = self.problem
+            fs = link_solver.solve_link(problem.fs_link, self._fs_link_zero(), 1.0)
+            self._proposed_fs = fs
+            self._proposed_search = PairSearch(
+                problem=problem,
+                evaluate=lambda i: link_solver.solve_link(problem.ms_link, problem.ms_fixed_latency(i),
+                                                          problem.ms_bits),
+                lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
+                monotone=False)
+        return self._proposed_search
+
+    def _restricted(self, method: str, candidates: list[int]) -> Solution:
+        search = self._proposed()
+        index = search.best(candidates)
+        return _solution(self.problem, method, index, search.cache[index], self._proposed_fs)
+
+    def proposed(self) -> Solution:
+        return self._restricted("proposed", self.all_pairs)
+
+    def proposed_totals(self) -> np.ndarray:
+        """T_total of "proposed" at every allowed pair (evaluates every pair: for figures)."""
+        search = self._proposed()
+        for i in self.all_pairs:
+            if i not in search.cache:
+                search.cache[i] = search.evaluate(i)
+        values = np.array([search.cache[i].value_s for i in self.all_pairs])
+        return self.problem.terms.total(np.arange(len(values)), values, search.fs_value)
+
+    def fixed_split(self) -> Solution:
+        l_fixed = default_fixed_split(self.problem)
+        return self._restricted("fixed_split", [i for i, (l, _) in enumerate(self.problem.terms.pairs) if l == l_fixed])
+
+    def fixed_rank(self) -> Solution:
+        r_fixed = default_fixed_rank(self.problem)
+        return self._restricted("fixed_rank", [i for i, (_, r) in enumerate(self.problem.terms.pairs) if r == r_fixed])
+
+    # ---- exact
+    def exact(self) -> Solution:
+        problem = self.problem
+        try:
+            fs = link_solver.solve_link_exact(problem.fs_link, self._fs_link_zero(), 1.0)
+            search = PairSearch(
+                problem=problem,
+                evaluate=lambda i: link_solver.solve_link_exact(problem.ms_link, problem.ms_fixed_latency(i),
+                                                                problem.ms_bits),
+                lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
+                monotone=True)
+            index = search.best(self.all_pairs)
+        except link_solver.InstanceTooLarge as exc:
+            raise MethodError(f"--method exact: {exc}") from None
+        return _solution(problem, "exact", index, search.cache[index], fs)
+
+    # ---- equal_power
+    def equal_power(self) -> Solution:
+        problem = self.problem
+
+        def fixed_power(link: Link, c: np.ndarray, data_bits: float) -> LinkAllocation:
+            owner = link_solver.greedy_assignment(link, c, data_bits)  # spec §5 step 1
+            return _equal_power_allocation(link, owner, c, data_bits)
+
+        fs = fixed_power(problem.fs_link, self._fs_link_zero(), 1.0)
+        search = PairSearch(problem=problem,
+                            evaluate=lambda i: fixed_power(problem.ms_link, problem.ms_fixed_latency(i),
+                                                           problem.ms_bits),
+                            lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
+                            monotone=False)
+        index = search.best(self.all_pairs)
+        return _solution(problem, "equal_power", index, search.cache[index], fs)
+
+    # ---- random baselines (one generator, default_rng(seed + 1): random_subchannel's draws, then random_all's)
+    def random_baselines(self) -> tuple[Solution, Solution]:
+        problem = self.problem
+        realised = problem.realised
+        rng = np.random.default_rng(realised.scenario.seed + 1)
+        K, M, N = realised.num_clients, problem.ms_link.num_subchannels, problem.fs_link.num_subchannels
+        draws = realised.scenario.baselines.random_draws
+        zeros = self._fs_link_zero()
+
+        subchannel: list[Solution] = []
+        for _ in range(draws):
+            owner_ms = link_solver.random_assignment(rng, K, M)
+            owner_fs = link_solver.random_assignment(rng, K, N)
+            fs = link_solver.power_control(problem.fs_link, owner_fs, zeros, 1.0)
+            search = PairSearch(
+                problem=problem,
+                evaluate=lambda i, o=owner_ms: link_solver.power_control(problem.ms_link, o,
+                                                                         problem.ms_fixed_latency(i), problem.ms_bits),
+                lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
+                monotone=True)
+            index = search.best(self.all_pairs)
+            subchannel.append(_solution(problem, "random_subchannel", index, search.cache[index], fs))
+
+        layers = realised.split_layers
+        everything: list[Solution] = []
+        for _ in range(draws):
+            owner_ms = link_solver.random_assignment(rng, K, M)
+            owner_fs = link_solver.random_assignment(rng, K, N)
+            l = layers[int(rng.integers(len(layers)))]
+            ranks = [r for (pl, r) in problem.terms.pairs if pl == l]
+            r = ranks[int(rng.integers(len(ranks)))]
+            index = problem.terms.pairs.index((l, r))
+            ms = _equal_power_allocation(problem.ms_link, owner_ms, problem.ms_fixed_latency(index), problem.ms_bits)
+            fs = _equal_power_allocation(problem.fs_link, owner_fs, zeros, 1.0)
+            everything.append(_solution(problem, "random_all", index, ms, fs))
+
+        def first_with_mean(solutions: list[Solution]) -> Solution:
+            mean = float(np.mean([s.delay.total_delay_s for s in solutions]))
+            first = solutions[0]
+            return _solution(problem, first.method, first.pair_index, first.ms, first.fs, mean_total_s=mean)
+
+        return first_with_mean(subchannel), first_with_mean(everything)
+
+
+def _equal_power_allocation(link: Link, owner: np.ndarray, c: np.ndarray, data_bits: float) -> LinkAllocation:
+    """An assignment with the equal_power baseline's powers, and what it achieves."""
+    power = link_solver.equal_power(link, owner)
+    rate = link_solver.rates(link, owner, power)
+    latency = c + data_bits / rate
+    return LinkAllocation(owner=np.asarray(owner), power_w=power, rate_bps=rate, latency_s=latency,
+                          value_s=float(latency.max()))
+
+
+def optimise(realised: Realised, method: str = "proposed") -> Outcome:
+    """Run ``method`` and every baseline (spec §5); the solution reported is ``method``'s.
+
+    A random baseline's solution is its first draw; its ``total_delay_s`` is the mean over draws.
+    """
+    if method not in METHODS:
+        raise MethodError(f"--method: unknown method {method!r} (choose one of {', '.join(METHODS)})")
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, run: Callable):
+        tic = time.perf_counter()
+        value = run()
+        timings[name] = time.perf_counter() - tic
+        return value
+
+    problem = timed("build_problem", lambda: build_problem(realised))
+    optimiser = Optimiser(problem)
+    proposed = timed("proposed", optimiser.proposed)
+    solutions = {"proposed": proposed}
+    if method == "exact":
+        solutions["exact"] = timed("exact", optimiser.exact)
+    solutions["fixed_split"] = timed("fixed_split", optimiser.fixed_split)
+    solutions["fixed_rank"] = timed("fixed_rank", optimiser.fixed_rank)
+    solutions["equal_power"] = timed("equal_power", optimiser.equal_power)
+    solutions["random_subchannel"], solutions["random_all"] = timed("random", optimiser.random_baselines)
+    baselines = {name: solutions[name].total_delay_s for name in BASELINES}
+    return Outcome(problem=problem, optimiser=optimiser, solution=solutions[method], proposed=proposed, baselines=baselines,
+                   timings_s=timings, solve_time_s=time.perf_counter() - start)

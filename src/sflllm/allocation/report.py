@@ -1,0 +1,140 @@
+"""The spec §8 machine-readable result and the human-readable tables of an optimisation run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sflllm.allocation.optimize import BASELINES, Outcome, Solution
+from sflllm.cost.profile import cost_numbers
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars/arrays (and tuples) to plain Python, recursively, for json.dumps."""
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def profile_table(outcome: Outcome) -> dict[str, dict[str, float]]:
+    """Spec §8 "profile": {"l,r": {F_c, B_c, S, A, Y, G, Lam}} for every allowed pair."""
+    realised = outcome.problem.realised
+    model = realised.scenario.model
+    return {
+        f"{l},{r}": cost_numbers(realised.profile, l, r, seq_len=model.seq_len, act_bits=model.act_bits,
+                                 token_bits=model.token_bits, weight_bits=model.weight_bits).as_dict()
+        for l, r in realised.pairs
+    }
+
+
+def result_json(outcome: Outcome) -> dict[str, Any]:
+    """The spec §8 object (every required key, plus rates and per-method details).
+
+    For a random baseline the allocation shown is its first draw and ``total_delay_s`` is the mean
+    over draws (as in "baselines"); ``draw_total_delay_s`` is the first draw's own T_total.
+    """
+    solution = outcome.solution
+    delay = solution.delay
+    result = {
+        "method": solution.method,
+        "split_layer": solution.split_layer,
+        "rank": solution.rank,
+        "rounds": outcome.problem.realised.rounds(solution.rank),
+        "total_delay_s": solution.total_delay_s,
+        "round_delay_s": delay.round_delay_s,
+        "iteration_delay_s": delay.iteration_delay_s,
+        "assignment_ms": solution.ms.owner,
+        "assignment_fs": solution.fs.owner,
+        "power_ms_w": solution.ms.power_w,
+        "power_fs_w": solution.fs.power_w,
+        "rate_ms_bps": solution.ms.rate_bps,
+        "rate_fs_bps": solution.fs.rate_bps,
+        "breakdown": delay.breakdown,
+        "baselines": outcome.baselines,
+        "proposed_total_delay_s": outcome.proposed.total_delay_s,
+        "scenario": outcome.problem.realised.scenario.model_dump(mode="json"),
+        "profile": profile_table(outcome),
+        "solve_time_s": outcome.solve_time_s,
+        "timings_s": outcome.timings_s,
+    }
+    if solution.total_delay_s != delay.total_delay_s:
+        result["draw_total_delay_s"] = delay.total_delay_s
+    return plain(result)
+
+
+def _subchannels(owner: np.ndarray, client: int) -> str:
+    return ",".join(str(i) for i in np.flatnonzero(owner == client))
+
+
+def render(outcome: Outcome, console) -> None:
+    """Rich tables: the chosen pair, per client both links' allocation and delays, the comparison."""
+    from rich.table import Table
+
+    solution: Solution = outcome.solution
+    delay = solution.delay
+    realised = outcome.problem.realised
+    training = realised.scenario.training
+
+    summary = Table(title=f"sflllm optimize: {solution.method}", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    rows = [
+        ("split layer l / rank r", f"{solution.split_layer} / {solution.rank}"),
+        ("rounds E(r)", str(realised.rounds(solution.rank))),
+        ("total delay T_total", f"{solution.total_delay_s:,.2f} s"),
+        ("round delay T_round", f"{delay.round_delay_s:,.3f} s"),
+        ("iteration delay T_iter", f"{delay.iteration_delay_s:,.4f} s"),
+        ("server compute K b S / f_s", f"{delay.server_s:,.4f} s"),
+        *[(f"breakdown: {key.removesuffix('_s').replace('_', ' ')}", f"{value:,.2f} s")
+          for key, value in delay.breakdown.items()],
+        ("solve time", f"{outcome.solve_time_s:.3f} s"),
+    ]
+    if solution.total_delay_s != delay.total_delay_s:
+        rows.insert(3, ("(first draw's T_total)", f"{delay.total_delay_s:,.2f} s"))
+    for row in rows:
+        summary.add_row(*row)
+    console.print(summary)
+
+    c = outcome.problem.ms_fixed_latency(solution.pair_index)
+    K = realised.num_clients
+    ms_power = np.bincount(solution.ms.owner, weights=solution.ms.power_w, minlength=K)
+    fs_power = np.bincount(solution.fs.owner, weights=solution.fs.power_w, minlength=K)
+
+    ms_table = Table(title=f"main server link, per client and local iteration (b = {training.batch_size})")
+    for name in ("k", "f TFLOP/s", "subchannels", "power W", "rate Mbit/s", "forward s", "upload s", "T_up s",
+                 "T_down s"):
+        ms_table.add_column(name, justify="left" if name == "subchannels" else "right")
+    for k in range(K):
+        ms_table.add_row(str(k), f"{realised.client_flops[k] / 1e12:.2f}", _subchannels(solution.ms.owner, k),
+                         f"{ms_power[k]:.4f}", f"{solution.ms.rate_bps[k] / 1e6:.2f}", f"{c[k]:.4f}",
+                         f"{delay.uplink_s[k] - c[k]:.4f}", f"{delay.uplink_s[k]:.4f}", f"{delay.downlink_s[k]:.4f}")
+    console.print(ms_table)
+
+    fs_table = Table(title="federated server link, per client and round (client adapter)")
+    for name in ("k", "subchannels", "power W", "rate Mbit/s", "upload s", "broadcast s"):
+        fs_table.add_column(name, justify="left" if name == "subchannels" else "right")
+    for k in range(K):
+        fs_table.add_row(str(k), _subchannels(solution.fs.owner, k), f"{fs_power[k]:.4f}",
+                         f"{solution.fs.rate_bps[k] / 1e6:.2f}", f"{delay.adapter_upload_s[k]:.4f}",
+                         f"{delay.adapter_broadcast_s[k]:.4f}")
+    console.print(fs_table)
+
+    comparison = Table(title="comparison (T_total; random baselines: mean over draws)")
+    comparison.add_column("method")
+    comparison.add_column("total delay s", justify="right")
+    comparison.add_column("ratio to proposed", justify="right")
+    reference = outcome.proposed.total_delay_s
+    entries = [("proposed", reference)]
+    if solution.method == "exact":
+        entries.insert(0, ("exact", solution.total_delay_s))
+    entries += [(name, outcome.baselines[name]) for name in BASELINES]
+    for name, value in entries:
+        comparison.add_row(name, f"{value:,.2f}", f"{value / reference:.3f}")
+    console.print(comparison)

@@ -1,0 +1,60 @@
+"""The ``sflllm optimize`` run: load and realise a scenario, optimise, print/write the results.
+
+Nothing is written unless the whole run succeeds (the realised scenario and the figures are
+written last, each file atomically). No torch; matplotlib only with ``plot_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sflllm.allocation.optimize import MethodError, Outcome, optimise
+from sflllm.allocation.report import render, result_json
+from sflllm.allocation.scenario import ScenarioError, load_scenario, realise, write_text_atomic
+
+
+class OptimizeInputError(ValueError):
+    """Bad input to ``sflllm optimize`` (scenario, method or output path); the message names it."""
+
+
+@dataclass(frozen=True)
+class OptimizeRun:
+    outcome: Outcome
+    result: dict
+    figures: tuple[Path, ...]
+
+
+def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Path | None = None,
+                 save_realised: Path | None = None) -> OptimizeRun:
+    """Optimise the scenario with ``method`` (and every baseline); optionally save figures/realised file."""
+    for option, path in (("--save-realised", save_realised), ("--plot", plot_dir)):
+        if path is not None and path.exists() and (path.is_dir() if option == "--save-realised" else not path.is_dir()):
+            raise OptimizeInputError(f"{option}: {path} exists and is not a {'file' if option == '--save-realised' else 'folder'}")
+    if save_realised is not None and not save_realised.parent.is_dir():
+        raise OptimizeInputError(f"--save-realised: folder {save_realised.parent} does not exist")
+    try:
+        realised = realise(load_scenario(scenario_path))
+        outcome = optimise(realised, method)
+    except (ScenarioError, MethodError) as exc:
+        raise OptimizeInputError(str(exc)) from None
+    result = result_json(outcome)
+    figures: tuple[Path, ...] = ()
+    if plot_dir is not None:
+        from sflllm.experiments.optimize_figures import write_figures
+
+        figures = write_figures(outcome, plot_dir)
+    if save_realised is not None:
+        write_text_atomic(save_realised, realised.to_yaml())
+    return OptimizeRun(outcome=outcome, result=result, figures=figures)
+
+
+def print_run(run: OptimizeRun, *, as_json: bool, console) -> None:
+    """One JSON object (``--json``) or the rich tables."""
+    if as_json:
+        print(json.dumps(run.result))
+        return
+    render(run.outcome, console)
+    for path in run.figures:
+        console.print(f"wrote {path}")
