@@ -1,0 +1,111 @@
+"""`sflllm optimize` through typer's CliRunner: tables, --json, --plot, --save-realised, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sflllm.cli import app
+
+SMALL = """\
+seed: 4
+model: {preset: stories260k, seq_len: 64}
+clients: {count: 3}
+network: {ms_subchannels: 6, fs_subchannels: 4}
+baselines: {random_draws: 3}
+"""
+SPEC_KEYS = {"method", "split_layer", "rank", "rounds", "total_delay_s", "round_delay_s", "iteration_delay_s",
+             "assignment_ms", "assignment_fs", "power_ms_w", "power_fs_w", "breakdown", "baselines", "scenario",
+             "profile", "solve_time_s"}
+
+
+@pytest.fixture()
+def scenario(tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL)
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(app, ["optimize", *map(str, args)])
+
+
+def test_tables_by_default(scenario):
+    result = _run("--scenario", scenario)
+    assert result.exit_code == 0, result.output
+    for text in ("split layer l / rank r", "main server link", "federated server link", "random_subchannel",
+                 "ratio to proposed"):
+        assert text in result.output
+
+
+def test_json_has_the_spec_keys(scenario):
+    result = _run("--scenario", scenario, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert SPEC_KEYS <= set(data)
+    assert set(data["baselines"]) == {"random_subchannel", "equal_power", "fixed_split", "fixed_rank", "random_all"}
+    assert set(data["breakdown"]) == {"client_compute_s", "uplink_s", "server_compute_s", "downlink_s",
+                                      "aggregation_s"}
+    assert sum(data["breakdown"].values()) == pytest.approx(data["total_delay_s"], rel=1e-9)
+    assert len(data["assignment_ms"]) == 6 and len(data["power_fs_w"]) == 4
+    assert set(data["profile"]) == {f"{l},{r}" for l in range(1, 5) for r in (1, 2, 4, 8, 16)}
+    assert set(data["profile"]["2,8"]) == {"F_c", "B_c", "S", "A", "Y", "G", "Lam"}
+    assert len(data["scenario"]["network"]["gains_ms"]) == 3 and len(data["scenario"]["clients"]["flops"]) == 3
+    assert all(data["total_delay_s"] <= value for value in data["baselines"].values())
+
+
+def test_method_option_and_bad_method(scenario):
+    result = _run("--scenario", scenario, "--json", "--method", "equal_power")
+    assert result.exit_code == 0 and json.loads(result.stdout)["method"] == "equal_power"
+    bad = _run("--scenario", scenario, "--method", "magic")
+    assert bad.exit_code == 2 and "--method: unknown method 'magic'" in bad.output
+
+
+def test_save_realised_reproduces_the_result(scenario, tmp_path):
+    saved = tmp_path / "realised.yaml"
+    first = _run("--scenario", scenario, "--json", "--save-realised", saved)
+    assert first.exit_code == 0, first.output
+    again = _run("--scenario", saved, "--json")
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    for key in ("split_layer", "rank", "total_delay_s", "assignment_ms", "power_ms_w", "power_fs_w", "baselines",
+                "scenario"):
+        assert a[key] == b[key], key
+
+
+def test_plot_writes_pngs(scenario, tmp_path):
+    out = tmp_path / "figures"
+    result = _run("--scenario", scenario, "--plot", out)
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in out.iterdir())
+    assert pngs == ["allocation.png", "delay_breakdown.png", "delay_vs_pairs_and_baselines.png"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("clients: {count: 0}\n", "clients.count: "),
+    ("network: {p_th_ms_w: -2}\n", "network.p_th_ms_w: "),
+    ("training: {ranks: [3]}\n", "training.rounds_per_rank: "),
+])
+def test_bad_scenario_exits_2_with_one_line_and_writes_nothing(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    saved, plots = tmp_path / "realised.yaml", tmp_path / "plots"
+    result = _run("--scenario", path, "--save-realised", saved, "--plot", plots)
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(f"error: {message}") and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert not saved.exists() and not plots.exists()
+
+
+def test_optimize_imports_no_torch_or_matplotlib(scenario):
+    code = ("import sys; from typer.testing import CliRunner; from sflllm.cli import app; "
+            f"r = CliRunner().invoke(app, ['optimize', '--scenario', r'{scenario}', '--json']); "
+            "assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
