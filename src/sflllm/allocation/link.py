@@ -36,7 +36,6 @@ from bisect import insort
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import brentq
 
 __all__ = [
     "EXACT_MAX_WORK",
@@ -61,13 +60,19 @@ MAX_ALTERNATION_PASSES = 10
 
 #: local search budget (see :func:`_neighbourhood`, :func:`_local_search`): instances with at most
 #: LOCAL_SEARCH_FULL moves + swaps score all of them, larger ones the LOCAL_SEARCH_SCREENED most
-#: promising moves and as many swaps; exact power controls of single neighbours per pass; passes.
+#: promising moves and as many swaps; exact power controls of single neighbours per pass; passes
+#: (full / screened); instances with at most LOCAL_SEARCH_RESTART_MAX neighbours get that many
+#: random restarts.  See :func:`solve_link`.
 LOCAL_SEARCH_FULL = 2048
 LOCAL_SEARCH_SCREENED = 256
-LOCAL_SEARCH_EXACT_PER_PASS = 4
+LOCAL_SEARCH_EXACT_PER_PASS = 2
 LOCAL_SEARCH_MAX_PASSES = 100
+LOCAL_SEARCH_MAX_PASSES_SCREENED = 3
+LOCAL_SEARCH_RESTART_MAX = 128
+LOCAL_SEARCH_RESTARTS = 2
 
-_REL_IMPROVEMENT = 1e-12  # an objective must drop by this relative amount to count as progress
+_REL_IMPROVEMENT = 1e-12
+_NEWTON_MAX_STEPS = 100  # power_control's Newton iteration converges in well under 10 steps  # an objective must drop by this relative amount to count as progress
 
 
 class InstanceTooLarge(ValueError):
@@ -284,28 +289,29 @@ def power_control(link: Link, owner, c, D) -> LinkAllocation:
     Solves min t s.t. c[k] + D/R[k] <= t, per-client sums <= Pmax[k], link sum <= Pth.  Each client
     alone can reach t_k = c[k] + D / R_k(min(Pmax[k], Pth)) (forward water-filling); if the minimum
     powers at t_lo = max_k t_k fit within Pth, t_lo is optimal (Pmax binds).  Otherwise Pth binds and
-    t* solves sum_k P_k(t) = Pth, P_k(t) the inverse water-filling power for rate D / (t - c[k]);
-    the sum is continuous and decreasing in t, so Brent's method finds t* to machine precision.
-    Every client is given its minimum power for t*, so all latencies equal t* (up to rounding).
+    t* solves f(t) = sum_k P_k(t) - Pth = 0, P_k(t) the inverse water-filling power for rate
+    rho_k = D / (W (t - c[k])).  P_k is convex increasing in rho_k and rho_k convex decreasing in t,
+    so f is convex and decreasing: Newton's method from t_lo (where f > 0) climbs monotonically to
+    t* without overshooting, quadratically; f'(t) = -sum_k mu_k ln2 rho_k / (t - c[k]).
+    Every client is given its minimum power for t*, so all latencies equal t* (up to rounding); the
+    powers are then scaled down by a hair where rounding would exceed a budget.
     """
     owner = _check_owner(link, owner)
     c, data_bits = _check_demand(link, c, D)
     rows = _owned_rows(link.snr, owner)
-    w = link.bandwidth_hz
-
-    def need(t: float) -> tuple[np.ndarray, np.ndarray]:
-        return rows.min_power(_bits_per_hz(link, c, data_bits, t))
-
-    alone = c + data_bits / (w * rows.max_rate(np.minimum(link.p_max_w, link.p_th_w)))
-    t_lo = float(alone.max())
-    powers, mu = need(t_lo)
-    if powers.sum() > link.p_th_w:
-        shared = c + data_bits / (w * rows.max_rate(np.minimum(link.p_max_w, link.p_th_w / link.num_clients)))
-        t_hi = float(shared.max())
-        t_star = brentq(
-            lambda t: need(t)[0].sum() - link.p_th_w, t_lo, t_hi, xtol=1e-300, rtol=4 * np.finfo(float).eps
-        )
-        powers, mu = need(t_star)
+    alone = c + data_bits / (link.bandwidth_hz * rows.max_rate(np.minimum(link.p_max_w, link.p_th_w)))
+    t = float(alone.max())
+    for _ in range(_NEWTON_MAX_STEPS):
+        rho = _bits_per_hz(link, c, data_bits, t)
+        powers, mu = rows.min_power(rho)
+        excess = powers.sum() - link.p_th_w
+        if excess <= 0:
+            break
+        slope = -np.sum(mu * np.log(2.0) * rho / (t - c))
+        step = -excess / slope
+        if not step > t * 1e-16:  # converged to rounding (step <= 0 or nan cannot happen otherwise)
+            break
+        t += step
     snr_own = link.snr[owner, np.arange(owner.size)]
     power = np.maximum(mu[owner] - 1.0 / snr_own, 0.0)
     return _allocation(link, owner, _fit_budgets(link, owner, power), c, data_bits)
@@ -522,7 +528,9 @@ def _neighbourhood(
     b = np.concatenate([owner[mv_j], owner[sw_2]])
     pa = np.concatenate([received[:n_mv], received[n_mv : n_mv + n_sw]])
     pb = np.concatenate([loss[mv_j], received[n_mv + n_sw :]])
-    changes = np.stack([first, np.concatenate([mv_r, owner[sw_2]]), second, np.concatenate([owner[mv_j], owner[sw_1]])], axis=1)
+    changes = np.stack(
+        [first, np.concatenate([mv_r, owner[sw_2]]), second, np.concatenate([mv_r, owner[sw_1]])], axis=1
+    )
     delta = np.stack([pa - base[a], pb - base[b]], axis=1)
 
     ratio = base / link.p_max_w
@@ -535,27 +543,36 @@ def _neighbourhood(
 
 
 def _disjoint_batch(
-    link: Link, changes: np.ndarray, clients: np.ndarray, delta: np.ndarray, phi: np.ndarray, base: np.ndarray
+    link: Link, clients: np.ndarray, delta: np.ndarray, phi: np.ndarray, base: np.ndarray
 ) -> np.ndarray:
-    """Improving neighbours (best phi first) that touch pairwise different clients, applied together.
+    """Neighbours touching pairwise different clients that, applied together, help at the current t.
 
-    Their power changes add up, each keeps its clients within Pmax, and the batch stops before the
-    total would exceed Pth; so at the current t the batch is feasible with slack as well.
+    Taken greedily, those with phi < 1 first (best first), then the rest by how much they lower
+    their two clients' larger power-to-Pmax ratio.  A neighbour joins when its clients stay below
+    Pmax and it either lowers the total power or lowers its pair's larger ratio while the running
+    total stays within Pth.  Neighbours touching different clients change powers independently, so
+    the batch's effect is the sum of theirs; it lowers several near-binding clients in one pass.
     """
+    ratio = base / link.p_max_w
+    after = np.maximum(base[clients[:, 0]] + delta[:, 0], 0) / link.p_max_w[clients[:, 0]]
+    after = np.maximum(after, (base[clients[:, 1]] + delta[:, 1]) / link.p_max_w[clients[:, 1]])
+    before = ratio[clients].max(axis=1)
+    change = delta.sum(axis=1)
+    ok = (after < 1 - _REL_IMPROVEMENT) & ((change < 0) | (after < before * (1 - _REL_IMPROVEMENT)))
+    candidates = np.flatnonzero(ok)
+    order = np.lexsort((after[candidates] - before[candidates], np.minimum(phi[candidates], 1.0)))
     chosen = []
     used = np.zeros(link.num_clients, dtype=bool)
     total = base.sum()
-    for n in np.argsort(phi, kind="stable"):
-        if phi[n] >= 1 - _REL_IMPROVEMENT:
-            break
+    limit = link.p_th_w * (1 - _REL_IMPROVEMENT)
+    for n in candidates[order]:
         a, b = clients[n]
-        if used[a] or used[b] or delta[n].sum() >= 0:
+        if used[a] or used[b] or (change[n] >= 0 and total + change[n] > limit):
             continue
-        if total + delta[n].sum() > link.p_th_w:
-            continue
-        chosen.append(n)
-        used[[a, b]] = True
-        total += delta[n].sum()
+        if change[n] < 0 or total + change[n] <= limit:
+            chosen.append(n)
+            used[[a, b]] = True
+            total += change[n]
     return np.array(chosen, dtype=np.intp)
 
 
@@ -566,22 +583,24 @@ def _apply(owner: np.ndarray, changes: np.ndarray) -> np.ndarray:
     return new
 
 
-def _local_search(link: Link, c: np.ndarray, data_bits: float, start: LinkAllocation) -> LinkAllocation:
+def _local_search(
+    link: Link, c: np.ndarray, data_bits: float, start: LinkAllocation, max_passes: int
+) -> LinkAllocation:
     """Move one subchannel to another client, or swap two, while the exact value drops.
 
     Each pass scores neighbours by phi at the current value (:func:`_neighbourhood`) and re-solves
     with exact power control (a) every improving neighbour touching different clients, applied
     together, and (b) on instances scored in full, the LOCAL_SEARCH_EXACT_PER_PASS best single
-    neighbours; it keeps the best if it lowers the value.  At most LOCAL_SEARCH_MAX_PASSES passes.
+    neighbours; it keeps the best if it lowers the value.  At most ``max_passes`` passes.
     """
     best = start
-    for _ in range(LOCAL_SEARCH_MAX_PASSES):
+    for _ in range(max_passes):
         changes, clients, delta, phi, base = _neighbourhood(link, best.owner, c, data_bits, best.value_s)
         hopeful = np.flatnonzero(phi < 1 - _REL_IMPROVEMENT)
         if hopeful.size == 0:
             break
         trials = []
-        batch = _disjoint_batch(link, changes, clients, delta, phi, base)
+        batch = _disjoint_batch(link, clients, delta, phi, base)
         if batch.size > 1:
             trials.append(changes[batch])
         if len(phi) <= LOCAL_SEARCH_FULL or not trials:
@@ -598,15 +617,35 @@ def _local_search(link: Link, c: np.ndarray, data_bits: float, start: LinkAlloca
     return best
 
 
+def _neighbourhood_size(k: int, m: int) -> int:
+    """Upper bound on moves + swaps: K*M moves, M(M-1)/2 swaps."""
+    return k * m + m * (m - 1) // 2
+
+
 def solve_link(link: Link, c, D) -> LinkAllocation:
     """The "proposed" per-link solver: spec §5 steps 1-3, then a local search of moves and swaps.
 
-    Cost per local-search pass: O(K*M + M^2) scoring, exact two-client re-evaluation of at most
-    LOCAL_SEARCH_FULL neighbours (2 * LOCAL_SEARCH_SCREENED on larger instances), and one to
-    LOCAL_SEARCH_EXACT_PER_PASS + 1 exact power controls.
+    Size-adaptive (K clients, M subchannels, n = K*M + M(M-1)/2 neighbours):
+    * n <= LOCAL_SEARCH_RESTART_MAX (e.g. K <= 4, M <= 8): the local search also runs from
+      LOCAL_SEARCH_RESTARTS random assignments (numpy.random.default_rng(0): deterministic), since a
+      single descent can stop in a local optimum several moves from the global one;
+    * n <= LOCAL_SEARCH_FULL: every move and swap is scored each pass, at most LOCAL_SEARCH_MAX_PASSES;
+    * larger: LOCAL_SEARCH_SCREENED moves and swaps per pass, at most LOCAL_SEARCH_MAX_PASSES_SCREENED
+      passes (each pass is O(K*M + M^2) plus one exact power control; K=50, M=128 ~ 5 ms).
     """
     c, data_bits = _check_demand(link, c, D)
-    return _local_search(link, c, data_bits, _alternate(link, c, data_bits))
+    k, m = link.gains.shape
+    n = _neighbourhood_size(k, m)
+    passes = LOCAL_SEARCH_MAX_PASSES if n <= LOCAL_SEARCH_FULL else LOCAL_SEARCH_MAX_PASSES_SCREENED
+    best = _local_search(link, c, data_bits, _alternate(link, c, data_bits), passes)
+    if n <= LOCAL_SEARCH_RESTART_MAX:
+        rng = np.random.default_rng(0)
+        for _ in range(LOCAL_SEARCH_RESTARTS):
+            start = power_control(link, random_assignment(rng, k, m), c, data_bits)
+            candidate = _local_search(link, c, data_bits, start, passes)
+            if candidate.value_s < best.value_s:
+                best = candidate
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
