@@ -126,6 +126,14 @@ def test_attach_lora_rejects_a_non_positive_rank(rank) -> None:
         attach_lora(build_demo_model(40, seed=0), rank=rank, alpha=8, dropout=0.0)
 
 
+def test_attach_lora_rejects_targets_that_match_nothing_and_leaves_the_model_alone() -> None:
+    model = build_demo_model(40, seed=0)
+    with pytest.raises(ValueError, match="no_such_layer"):
+        attach_lora(model, rank=2, alpha=4, dropout=0.0, targets=["no_such_layer"])
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+
+
 def test_unsupported_family_is_rejected_with_the_supported_list() -> None:
     with pytest.raises(ValueError, match="bert.*gpt2.*llama"):
         default_lora_targets("bert")

@@ -36,11 +36,13 @@ def load_pretrained(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedToken
     an unsupported ``model_type`` -> ValueError listing the supported families. A tokenizer without
     a pad token gets its eos token as pad token (and the model config its id).
     """
+    if not name_or_path.strip():
+        raise ValueError("model name or path is empty")
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         source = str(local)
     elif _looks_like_path(name_or_path) or local.exists():
-        raise ValueError(f"model {name_or_path!r}: no such model directory")
+        raise ValueError(f"model {name_or_path!r}: not an existing model directory")  # a path, not a hub id
     else:
         source = name_or_path  # a hub id
     try:
@@ -85,16 +87,17 @@ def build_demo_model(
     The weights depend only on the arguments (initialised from ``seed``; the global RNG is left
     untouched). Returned in eval mode, like :func:`load_pretrained`.
     """
-    for field, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("hidden_size", hidden_size),
-                         ("num_heads", num_heads), ("max_positions", max_positions)):
+    sizes = {"vocab_size": vocab_size, "num_layers": num_layers, "hidden_size": hidden_size,
+             "num_heads": num_heads, "max_positions": max_positions}
+    for field, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    for field, token_id in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
-                            ("pad_token_id", pad_token_id)):
+    special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    for field, token_id in special.items():
         if token_id is not None and not 0 <= token_id < vocab_size:
             raise ValueError(f"{field} must be in 0..{vocab_size - 1}, got {token_id!r}")
     config = GPT2Config(
