@@ -390,38 +390,47 @@ def random_assignment(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     """Uniform random owners, redrawn until every client owns a subchannel (spec §5 baselines).
 
     Each draw is ``rng.integers(0, K, size=M)``.  When K is close to M almost no draw covers every
-    client (K = M = 20 succeeds with probability 2e-8), so after 10 000 rejected draws the remaining
-    work switches to an exact sequential sampler of the same distribution (uniform over assignments
-    that cover every client), which needs no rejection.
+    client (K = M = 20 succeeds with probability 2e-8, K = 50 and M = 64 with 1e-6), so when the
+    chance is below 1e-3 an exact sequential sampler of the same distribution (uniform over the
+    assignments that cover every client) is used instead; it needs no rejection.
     """
     if not (isinstance(K, (int, np.integer)) and isinstance(M, (int, np.integer))) or K < 1 or M < 1:
         raise ValueError(f"random_assignment needs positive integers K and M, got K={K!r}, M={M!r}")
     if K > M:
         raise ValueError(f"random_assignment: K = {K} clients cannot each own one of M = {M} subchannels")
-    for _ in range(10_000):
+    K, M = int(K), int(M)
+    if _covering_counts(K, M)[M][K] / K**M < 1e-3:
+        return _uniform_covering(rng, K, M)
+    while True:
         owner = rng.integers(0, K, size=M)
         if np.bincount(owner, minlength=K).min() > 0:
             return owner
-    return _uniform_covering(rng, int(K), int(M))
+
+
+@functools.lru_cache(maxsize=16)
+def _covering_counts(K: int, M: int) -> tuple[tuple[int, ...], ...]:
+    """N[r][u]: ways to give r more subchannels to K clients so that u given ones each get one.
+
+    N(r, u) = u N(r-1, u-1) + (K - u) N(r-1, u): the next subchannel goes to one of the u clients
+    still uncovered or to one of the others; N(0, 0) = 1 and N(0, u) = 0 for u > 0.  Exact integers.
+    """
+    table = [(1,) + (0,) * K]
+    for _ in range(M):
+        prev = table[-1]
+        table.append(tuple((u * prev[u - 1] if u else 0) + (K - u) * prev[u] for u in range(K + 1)))
+    return tuple(table)
 
 
 def _uniform_covering(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
-    """Exact uniform draw of an owner array that covers all K clients, subchannel by subchannel.
-
-    With r subchannels still to assign and u clients not yet covered, the number of completions is
-    N(r, u) = sum_j (-1)^j C(u, j) (K - j)^r; the next subchannel goes to a given uncovered client with
-    probability N(r-1, u-1)/N(r, u), to a given covered one with N(r-1, u)/N(r, u).
-    """
-
-    @functools.cache
-    def completions(r: int, u: int) -> int:
-        return sum((-1) ** j * math.comb(u, j) * (K - j) ** r for j in range(u + 1))
-
+    """Exact uniform draw of an owner array covering all K clients, subchannel by subchannel: with r
+    subchannels left and u clients uncovered, an uncovered client gets the next one with probability
+    u N(r-1, u-1) / N(r, u) (see :func:`_covering_counts`)."""
+    counts = _covering_counts(K, M)
     covered = np.zeros(K, dtype=bool)
     owner = np.empty(M, dtype=np.int64)
     for i in range(M):
-        r, u = M - i, int((~covered).sum())
-        p_uncovered = completions(r - 1, u - 1) * u / completions(r, u) if u else 0.0
+        r, u = M - i, K - int(covered.sum())
+        p_uncovered = u * counts[r - 1][u - 1] / counts[r][u] if u else 0.0
         pool = np.flatnonzero(~covered) if rng.random() < p_uncovered else np.flatnonzero(covered)
         owner[i] = pool[rng.integers(pool.size)]
         covered[owner[i]] = True
