@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import brentq
-
 from sflllm.allocation import link as link_solver
 from sflllm.allocation.link import Link, LinkAllocation
 from sflllm.allocation.scenario import Realised
@@ -161,12 +159,22 @@ def max_sum_rate_bps(link: Link) -> float:
     return float(link_solver._Rows(best_snr[None, :]).max_rate(np.array([usable]))[0]) * link.bandwidth_hz
 
 
-def min_max_latency_bound(c: np.ndarray, data_bits: float, sum_rate_bps: float) -> float:
-    """Lower bound on max_k (c[k] + D / R[k]) when sum_k R[k] <= SR: the t with sum_k D/(t - c[k]) = SR."""
-    lo = float(c.max())
-    need = lambda t: float(np.sum(data_bits / (t - c))) - sum_rate_bps  # noqa: E731  decreasing in t
-    hi = lo + len(c) * data_bits / sum_rate_bps  # at hi every term is <= D / (K D / SR): need(hi) <= 0
-    return brentq(need, np.nextafter(lo, np.inf), hi, rtol=1e-12) if need(hi) < 0 else hi
+def min_max_latency_bound(c: np.ndarray, data_bits: float, sum_rate_bps: float) -> np.ndarray:
+    """Lower bound on max_k (c[k] + D / R[k]) when sum_k R[k] <= SR, for each row of ``c`` (..., K).
+
+    It is the t with sum_k D / (t - c[k]) = SR (the left side decreases in t), found by bisection
+    in numpy (no scipy import on the ``sflllm optimize`` path); the returned end of the bracket is
+    on the infeasible side, so it is a valid bound.
+    """
+    c = np.asarray(c, dtype=float)
+    lo = c.max(axis=-1)
+    hi = lo + c.shape[-1] * data_bits / sum_rate_bps  # each term <= SR / K here: feasible
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        with np.errstate(divide="ignore"):
+            feasible = np.sum(data_bits / (mid[..., None] - c), axis=-1) <= sum_rate_bps
+        lo, hi = np.where(feasible, lo, mid), np.where(feasible, mid, hi)
+    return lo
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -295,9 +303,8 @@ class Optimiser:
         """Sum-rate lower bound on the MS link's value for any allocation, per pair."""
         if self._ms_bound is None:
             problem = self.problem
-            rate = max_sum_rate_bps(problem.ms_link)
-            self._ms_bound = np.array([min_max_latency_bound(problem.ms_fixed_latency(i), problem.ms_bits, rate)
-                                       for i in self.all_pairs])
+            c = np.stack([problem.ms_fixed_latency(i) for i in self.all_pairs])
+            self._ms_bound = min_max_latency_bound(c, problem.ms_bits, max_sum_rate_bps(problem.ms_link))
         return self._ms_bound
 
     def _fs_link_zero(self) -> np.ndarray:

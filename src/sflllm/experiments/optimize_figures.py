@@ -12,6 +12,8 @@ from sflllm.allocation.optimize import BASELINES, Outcome
 
 
 def _allocation_figure(outcome: Outcome, plt):
+    from matplotlib.ticker import MaxNLocator
+
     solution = outcome.solution
     K = outcome.problem.realised.num_clients
     cmap = plt.get_cmap("tab20" if K > 10 else "tab10")
@@ -23,6 +25,7 @@ def _allocation_figure(outcome: Outcome, plt):
         if K <= 20:
             for i, k in enumerate(link.owner):
                 ax.text(i, link.power_w[i] * 1e3, str(k), ha="center", va="bottom", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("subchannel")
         ax.set_ylabel("power (mW)")
         ax.set_title(f"{name}: power per subchannel, colour/label = owner client")
@@ -35,26 +38,35 @@ def _breakdown_figure(outcome: Outcome, plt):
     delay = solution.delay
     K = problem.realised.num_clients
     forward = problem.ms_fixed_latency(solution.pair_index)
-    parts = {
-        "client forward": forward,
-        "activation upload": delay.uplink_s - forward,
-        "gradient download + client backward": delay.downlink_s,
-        "adapter upload (FS)": delay.adapter_upload_s,
-        "adapter broadcast (FS)": delay.adapter_broadcast_s,
-    }
-    fig, ax = plt.subplots(figsize=(9, max(3.5, 0.22 * K + 1.5)), constrained_layout=True)
-    left = np.zeros(K)
+    panels = (
+        ("main server phase, per local iteration", {
+            "client forward": forward,
+            "activation upload": delay.uplink_s - forward,
+            "gradient download + client backward": delay.downlink_s}, delay.uplink_s.max()),
+        ("federated server phase, per round", {
+            "adapter upload": delay.adapter_upload_s,
+            "adapter broadcast": delay.adapter_broadcast_s}, None),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.22 * K + 2)), sharey=True, constrained_layout=True,
+                             gridspec_kw={"width_ratios": [2, 1]})
     y = np.arange(K)
-    for label, values in parts.items():
-        ax.barh(y, values, left=left, label=label)
-        left += values
-    ax.axvline(delay.uplink_s.max(), color="black", linestyle=":", linewidth=1, label="max_k T_up (MS straggler)")
-    ax.set_yticks(y if K <= 30 else y[::5])
-    ax.invert_yaxis()
-    ax.set_ylabel("client k")
-    ax.set_xlabel("seconds (one local iteration for MS terms; once per round for FS terms)")
-    ax.set_title(f"per-client delays, server compute per iteration {delay.server_s:.3g} s")
-    ax.legend(fontsize=8, loc="lower right")
+    colours = iter(plt.get_cmap("tab10").colors)
+    for ax, (title, parts, straggler) in zip(axes, panels):
+        left = np.zeros(K)
+        for label, values in parts.items():
+            ax.barh(y, values, left=left, label=label, color=next(colours))
+            left += values
+        if straggler is not None:
+            ax.axvline(straggler, color="black", linestyle=":", linewidth=1, label="max_k T_up")
+        ax.set_xlabel("seconds")
+        ax.set_title(title)
+    handles, labels = (sum(items, []) for items in zip(*(ax.get_legend_handles_labels() for ax in axes)))
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    axes[0].set_yticks(y if K <= 30 else y[::5])
+    axes[0].invert_yaxis()
+    axes[0].set_ylabel("client k")
+    fig.suptitle(f"{solution.method}: per-client delays (l = {solution.split_layer}, r = {solution.rank}; "
+                 f"server compute {delay.server_s:.3g} s per iteration)")
     return fig
 
 
