@@ -73,6 +73,12 @@ def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope" / "dev.csv"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         load_examples(missing)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}: not a file"):
+        load_examples(tmp_path)
+    other = tmp_path / "dev.txt"
+    other.write_text("name[A]||A.\n")
+    with pytest.raises(ValueError, match=r"dev\.txt: unsupported file type '\.txt'"):
+        load_examples(other)
 
 
 @pytest.mark.parametrize(

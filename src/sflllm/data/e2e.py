@@ -175,8 +175,10 @@ def load_examples(source: str | Path) -> list[Example]:
     """
     path = Path(source)
     if path.suffix.lower() in {".csv", ".jsonl"} or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"E2E data file not found: {path}")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a file (expected an E2E .csv or .jsonl file)")
         if path.suffix.lower() == ".csv":
             examples = _load_csv(path)
         elif path.suffix.lower() == ".jsonl":

@@ -119,21 +119,24 @@ def tokenize(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, se
             f"examples (longest prompt {longest} tokens, first at row {too_long[0]}); raise seq_len"
         )
 
-    n = len(examples)
-    input_ids = torch.full((n, seq_len), pad, dtype=torch.long)
-    attention_mask = torch.zeros((n, seq_len), dtype=torch.long)
-    labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+    ids_rows, mask_rows, label_rows = [], [], []
     truncated = 0
-    for i, (p, r) in enumerate(zip(prompts, references)):
+    for p, r in zip(prompts, references):
         target = (list(r) + [eos])[: seq_len - len(p)]
         truncated += len(target) < len(r) + 1
-        row = torch.tensor(list(p) + target, dtype=torch.long)
-        input_ids[i, : len(row)] = row
-        attention_mask[i, : len(row)] = 1
-        labels[i, len(p) : len(row)] = row[len(p) :]
+        padding = seq_len - len(p) - len(target)
+        ids_rows.append(list(p) + target + [pad] * padding)
+        mask_rows.append([1] * (len(p) + len(target)) + [0] * padding)
+        label_rows.append([IGNORE_INDEX] * len(p) + target + [IGNORE_INDEX] * padding)
     if truncated:
-        warnings.warn(f"{truncated} of {n} references were truncated to fit seq_len={seq_len}", stacklevel=2)
-    return TokenizedExamples(input_ids=input_ids, attention_mask=attention_mask, labels=labels, mrs=mrs, refs=refs)
+        warnings.warn(f"{truncated} of {len(examples)} references were truncated to fit seq_len={seq_len}", stacklevel=2)
+    return TokenizedExamples(
+        input_ids=torch.tensor(ids_rows, dtype=torch.long),
+        attention_mask=torch.tensor(mask_rows, dtype=torch.long),
+        labels=torch.tensor(label_rows, dtype=torch.long),
+        mrs=mrs,
+        refs=refs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
