@@ -25,6 +25,79 @@ def main() -> None:
 
 
 @app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML 1.2 file of TrainConfig fields; flags override it.")] = None,
+    model: Annotated[str | None, typer.Option(help="HF model name or local dir (default: built-in tiny demo model).")] = None,
+    data: Annotated[str | None, typer.Option(help="Training data: .csv (mr,ref), .jsonl or hub dataset (default: synthetic E2E-style).")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Held-out data (default: held-out MRs of --data).")] = None,
+    train_samples: Annotated[int | None, typer.Option(help="Use at most this many training examples.")] = None,
+    mode: Annotated[str | None, typer.Option(help="sfl | centralized | fl | sl.")] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of clients K.")] = None,
+    split_layer: Annotated[int | None, typer.Option(help="Blocks 1..split_layer run on the clients.")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank r.")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha.")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
+    lora_targets: Annotated[str | None, typer.Option(help="Comma-separated LoRA target modules (default: per model type).")] = None,
+    server_adapter: Annotated[str | None, typer.Option(help="shared | per_client.")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="Local iterations I per round.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Training rounds (with --resume: the new total).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size b per client.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length s in tokens.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of everything.")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid | dirichlet.")] = None,
+    dirichlet_alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = None,
+    partition_attribute: Annotated[str | None, typer.Option(help="MR slot the Dirichlet partition skews on.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out examples for the held-out loss.")] = None,
+    generate: Annotated[bool | None, typer.Option("--generate/--no-generate", help="Generate for held-out MRs and score BLEU/ROUGE-L/NIST/...")] = None,
+    generate_samples: Annotated[int | None, typer.Option(help="Distinct held-out MRs to generate for.")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beams for generation.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest generation in tokens.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this output dir (e.g. with a larger --rounds).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune with split federated LoRA; writes metrics.json, config.yaml and safetensors checkpoints.
+
+    Without --model and --data this runs an offline demo (tiny built-in model, synthetic data).
+    """
+    flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_FIELDS and v is not None}
+    import time
+    import warnings
+
+    from rich.console import Console
+
+    from sflllm.experiments.config import TrainInputError, read_config_file, resolve_config
+
+    if lora_targets is not None:
+        flags["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    err = Console(stderr=True)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations peft triggers
+    try:
+        if resume is not None:
+            if config is not None or output is not None:
+                raise TrainInputError("--resume continues the run with its saved config.yaml; drop --config/--output")
+            from sflllm.experiments.train import resume_train
+
+            resume_train(resume, flags, progress=not quiet)
+        else:
+            from sflllm.experiments.train import run_train
+
+            file_values = read_config_file(config) if config is not None else {}
+            cfg = resolve_config(file_values, flags, source=str(config) if config else "options")
+            out = output if output is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+            run_train(cfg, out, progress=not quiet)
+    except TrainInputError as e:
+        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+
+
+_NOT_CONFIG_FIELDS = frozenset({"config", "output", "resume", "quiet", "lora_targets"})
+
+
+@app.command()
 def optimize(
     scenario: Annotated[Path, typer.Option("--scenario", help="YAML 1.2 scenario file (spec §6); missing fields take their defaults.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (spec §8) instead of tables.")] = False,
