@@ -69,7 +69,7 @@ LOCAL_SEARCH_EXACT_PER_PASS = 2
 LOCAL_SEARCH_MAX_PASSES = 100
 LOCAL_SEARCH_MAX_PASSES_SCREENED = 3
 LOCAL_SEARCH_RESTART_MAX = 128
-LOCAL_SEARCH_RESTARTS = 2
+LOCAL_SEARCH_RESTARTS = 4
 
 _REL_IMPROVEMENT = 1e-12
 _NEWTON_MAX_STEPS = 100  # power_control's Newton iteration converges in well under 10 steps  # an objective must drop by this relative amount to count as progress
