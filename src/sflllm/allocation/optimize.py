@@ -88,16 +88,12 @@ class Problem:
     terms: PairTerms
     ms_bits: float                     # D of the MS link: b (A + Y)
 
-    @property
-    def times(self) -> Callable[[int], SystemTimes]:
+    def times(self, rank: int) -> SystemTimes:
+        """b, I, E(r), f and f_s for rank r."""
         training = self.realised.scenario.training
-
-        def for_rank(rank: int) -> SystemTimes:
-            return SystemTimes(batch_size=training.batch_size, local_steps=training.local_steps,
-                               rounds=self.realised.rounds(rank), client_flops=self.realised.client_flops,
-                               server_flops=self.realised.scenario.server.flops)
-
-        return for_rank
+        return SystemTimes(batch_size=training.batch_size, local_steps=training.local_steps,
+                           rounds=self.realised.rounds(rank), client_flops=self.realised.client_flops,
+                           server_flops=self.realised.scenario.server.flops)
 
     def ms_fixed_latency(self, index: int) -> np.ndarray:
         """c[k] = b F_c(l,r) / f[k] of the MS link for pair ``index``."""
@@ -307,14 +303,15 @@ class Optimiser:
             self._ms_bound = min_max_latency_bound(c, problem.ms_bits, max_sum_rate_bps(problem.ms_link))
         return self._ms_bound
 
-    def _fs_link_zero(self) -> np.ndarray:
+    def _no_fixed_latency(self) -> np.ndarray:
+        """c = 0: the FS link's fixed latencies."""
         return np.zeros(self.problem.realised.num_clients)
 
     # ---- proposed and its restrictions
     def _proposed(self) -> PairSearch:
         if self._proposed_search is None:
             problem = self.problem
-            fs = link_solver.solve_link(problem.fs_link, self._fs_link_zero(), 1.0)
+            fs = link_solver.solve_link(problem.fs_link, self._no_fixed_latency(), 1.0)
             self._proposed_fs = fs
             self._proposed_search = PairSearch(
                 problem=problem,
@@ -353,7 +350,7 @@ class Optimiser:
     def exact(self) -> Solution:
         problem = self.problem
         try:
-            fs = link_solver.solve_link_exact(problem.fs_link, self._fs_link_zero(), 1.0)
+            fs = link_solver.solve_link_exact(problem.fs_link, self._no_fixed_latency(), 1.0)
             search = PairSearch(
                 problem=problem,
                 evaluate=lambda i: link_solver.solve_link_exact(problem.ms_link, problem.ms_fixed_latency(i),
@@ -373,7 +370,7 @@ class Optimiser:
             owner = link_solver.greedy_assignment(link, c, data_bits)  # spec §5 step 1
             return _equal_power_allocation(link, owner, c, data_bits)
 
-        fs = fixed_power(problem.fs_link, self._fs_link_zero(), 1.0)
+        fs = fixed_power(problem.fs_link, self._no_fixed_latency(), 1.0)
         search = PairSearch(problem=problem,
                             evaluate=lambda i: fixed_power(problem.ms_link, problem.ms_fixed_latency(i),
                                                            problem.ms_bits),
@@ -389,11 +386,11 @@ class Optimiser:
         rng = np.random.default_rng(realised.scenario.seed + 1)
         K, M, N = realised.num_clients, problem.ms_link.num_subchannels, problem.fs_link.num_subchannels
         draws = realised.scenario.baselines.random_draws
-        zeros = self._fs_link_zero()
+        zeros = self._no_fixed_latency()
 
         subchannel: list[Solution] = []
         for _ in range(draws):
-            owner_ms = link_solver.random_assignment(rng, K, M)
+            owner_ms = link_solver.random_assignment(rng, K, M)  # per draw: MS, then FS assignment
             owner_fs = link_solver.random_assignment(rng, K, N)
             fs = link_solver.power_control(problem.fs_link, owner_fs, zeros, 1.0)
             search = PairSearch(
@@ -411,6 +408,7 @@ class Optimiser:
             owner_ms = link_solver.random_assignment(rng, K, M)
             owner_fs = link_solver.random_assignment(rng, K, N)
             l = layers[int(rng.integers(len(layers)))]
+            # "random r in Rset": among the ranks allowed with l (the memory limit may exclude some).
             ranks = [r for (pl, r) in problem.terms.pairs if pl == l]
             r = ranks[int(rng.integers(len(ranks)))]
             index = problem.terms.pairs.index((l, r))
@@ -462,5 +460,5 @@ def optimise(realised: Realised, method: str = "proposed") -> Outcome:
     solutions["equal_power"] = timed("equal_power", optimiser.equal_power)
     solutions["random_subchannel"], solutions["random_all"] = timed("random", optimiser.random_baselines)
     baselines = {name: solutions[name].total_delay_s for name in BASELINES}
-    return Outcome(problem=problem, optimiser=optimiser, solution=solutions[method], proposed=proposed, baselines=baselines,
-                   timings_s=timings, solve_time_s=time.perf_counter() - start)
+    return Outcome(problem=problem, optimiser=optimiser, solution=solutions[method], proposed=proposed,
+                   baselines=baselines, timings_s=timings, solve_time_s=time.perf_counter() - start)

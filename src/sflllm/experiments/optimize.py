@@ -29,9 +29,10 @@ class OptimizeRun:
 def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Path | None = None,
                  save_realised: Path | None = None) -> OptimizeRun:
     """Optimise the scenario with ``method`` (and every baseline); optionally save figures/realised file."""
-    for option, path in (("--save-realised", save_realised), ("--plot", plot_dir)):
-        if path is not None and path.exists() and (path.is_dir() if option == "--save-realised" else not path.is_dir()):
-            raise OptimizeInputError(f"{option}: {path} exists and is not a {'file' if option == '--save-realised' else 'folder'}")
+    if save_realised is not None and save_realised.is_dir():
+        raise OptimizeInputError(f"--save-realised: {save_realised} is a folder, not a file")
+    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
+        raise OptimizeInputError(f"--plot: {plot_dir} exists and is not a folder")
     if save_realised is not None and not save_realised.parent.is_dir():
         raise OptimizeInputError(f"--save-realised: folder {save_realised.parent} does not exist")
     try:
