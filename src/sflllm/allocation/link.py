@@ -12,7 +12,7 @@ subject to the assignment and power constraints of spec §3.  This module solves
 * :func:`solve_link_exact` -- the global optimum for small instances (bounds the gap of "proposed");
 * :func:`equal_power`, :func:`random_assignment` -- the baselines' building blocks.
 
-numpy/scipy only.  Throughout, ``snr[k, i] = g[k][i] / (N0 * W)`` is client k's signal-to-noise
+numpy only.  Throughout, ``snr[k, i] = g[k][i] / (N0 * W)`` is client k's signal-to-noise
 ratio per watt on subchannel i, so that a subchannel carries ``W * log2(1 + p * snr)`` bit/s.
 
 Water-filling facts used below (both have a closed form over the sorted active set).  For
@@ -71,8 +71,8 @@ LOCAL_SEARCH_MAX_PASSES_SCREENED = 3
 LOCAL_SEARCH_RESTART_MAX = 128
 LOCAL_SEARCH_RESTARTS = 4
 
-_REL_IMPROVEMENT = 1e-12
-_NEWTON_MAX_STEPS = 100  # power_control's Newton iteration converges in well under 10 steps  # an objective must drop by this relative amount to count as progress
+_REL_IMPROVEMENT = 1e-12  # an objective must drop by this relative amount to count as progress
+_NEWTON_MAX_STEPS = 100  # power_control's Newton iteration converges in well under 10 steps
 
 
 class InstanceTooLarge(ValueError):
@@ -578,10 +578,9 @@ def _disjoint_batch(
         a, b = clients[n]
         if used[a] or used[b] or (change[n] >= 0 and total + change[n] > limit):
             continue
-        if change[n] < 0 or total + change[n] <= limit:
-            chosen.append(n)
-            used[[a, b]] = True
-            total += change[n]
+        chosen.append(n)
+        used[[a, b]] = True
+        total += change[n]
     return np.array(chosen, dtype=np.intp)
 
 
