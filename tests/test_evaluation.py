@@ -115,3 +115,15 @@ def test_generation_reproduces_memorised_references(demo_tokenizer):
     assert metrics["bleu"] == pytest.approx(100.0)
     beams = generate_texts(model, demo_tokenizer, mrs, num_beams=3, max_new_tokens=40)
     assert beams == hypotheses
+
+
+def test_pretrained_llama_with_lora_batched_generation_equals_one_by_one(stories260k_dir):
+    """Left padding must not change greedy outputs of the real (RoPE) model under a peft wrapper."""
+    from sflllm.model import attach_lora, load_pretrained
+
+    model, tokenizer = load_pretrained(str(stories260k_dir))
+    model = attach_lora(model, rank=2, alpha=4, dropout=0.0)
+    mrs = ["name[Cotto]", "name[Blue Spice], eatType[coffee shop], area[riverside]", "name[Zizzi], food[Italian]"]
+    batched = generate_texts(model, tokenizer, mrs, max_new_tokens=6, batch_size=3)
+    assert batched == [generate_texts(model, tokenizer, [mr], max_new_tokens=6)[0] for mr in mrs]
+    assert all(isinstance(t, str) and t == " ".join(t.split()) for t in batched)
