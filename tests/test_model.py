@@ -157,6 +157,7 @@ def test_demo_model_is_deterministic_from_its_seed_and_leaves_the_global_rng_alo
     ({"num_layers": -1}, "num_layers"),
     ({"eos_token_id": 30}, "eos_token_id"),
     ({"dropout": 1.0}, "dropout"),
+    ({"init_std": 0.0}, "init_std"),
 ])
 def test_demo_model_rejects_bad_fields_by_name(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -172,13 +173,13 @@ def test_lora_on_the_frozen_demo_model_learns_through_the_split() -> None:
     mask = torch.ones_like(input_ids)
     optimizer = torch.optim.Adam(lora_parameters(split.full).values(), lr=3e-2)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         optimizer.zero_grad()
         loss = lm_loss(split.server(split.client(input_ids, mask), mask), input_ids)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5, losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 # ---------------------------------------------------------------- loading

@@ -78,6 +78,7 @@ def build_demo_model(
     num_heads: int = 4,
     max_positions: int = 128,
     dropout: float = 0.0,
+    init_std: float = 0.1,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
@@ -86,6 +87,11 @@ def build_demo_model(
 
     The weights depend only on the arguments (initialised from ``seed``; the global RNG is left
     untouched). Returned in eval mode, like :func:`load_pretrained`.
+
+    ``init_std`` (GPT-2's ``initializer_range``) defaults to 0.1 rather than GPT-2's 0.02: the base is
+    frozen and random, so only LoRA learns, and larger random features give it more to work with. In a
+    60-step LoRA-only run (rank 4, lr 1e-2, batch 8) on the synthetic E2E data, held-out loss fell
+    5.49 -> 3.12 with 0.1 but only 5.10 -> 4.49 with 0.02 (3.56 with 0.05, 4.14 with 0.2).
     """
     sizes = {"vocab_size": vocab_size, "num_layers": num_layers, "hidden_size": hidden_size,
              "num_heads": num_heads, "max_positions": max_positions}
@@ -96,6 +102,8 @@ def build_demo_model(
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not init_std > 0:
+        raise ValueError(f"init_std must be positive, got {init_std!r}")
     special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
     for field, token_id in special.items():
         if token_id is not None and not 0 <= token_id < vocab_size:
@@ -109,6 +117,7 @@ def build_demo_model(
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
+        initializer_range=init_std,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
