@@ -2,7 +2,7 @@
 
     python bench/bench_optimize.py [--scenario configs/scenario-k50.yaml] [--repeats 7]
 
-Prints the median (and min/max) wall time of the command, the median of each phase reported in
+Prints the median (and min/max) wall time and CPU time of the command, the median of each phase reported in
 the JSON's timings_s, and the import time of the command's modules. Timings on a shared, loaded
 machine are pessimistic: compare medians taken under the same load.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,12 +28,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
-    walls, phases = [], []
+    walls, cpus, phases = [], [], []
     for _ in range(args.repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         tic = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", COMMAND, "optimize", "--scenario", str(args.scenario), "--json"],
                               capture_output=True, text=True, check=True)
         walls.append(time.perf_counter() - tic)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         result = json.loads(done.stdout)
         phases.append({**result["timings_s"], "solve_time_s": result["solve_time_s"]})
     imports = []
@@ -49,6 +53,7 @@ def main() -> None:
     print(f"scenario: {args.scenario}  repeats: {args.repeats}")
     print(f"whole command (wall):   median {statistics.median(walls):.3f} s  "
           f"(min {min(walls):.3f}, max {max(walls):.3f})")
+    print(f"whole command (CPU user+sys): median {statistics.median(cpus):.3f} s  (less sensitive to other load)")
     print(f"python + imports only:  median {statistics.median(imports):.3f} s  "
           f"(bare interpreter {statistics.median(bare):.3f} s)")
     print("phases (median, s):")

@@ -106,13 +106,13 @@ def optimize(
     save_realised: Annotated[Path | None, typer.Option("--save-realised", help="Write the realised scenario (every draw explicit) to this YAML file.")] = None,
 ) -> None:
     """Jointly optimise subchannels, power, split layer and LoRA rank to minimise the training delay."""
-    from rich.console import Console
-
     from sflllm.experiments.optimize import OptimizeInputError, print_run, run_optimize
 
     try:
         run = run_optimize(scenario, method=method, plot_dir=plot, save_realised=save_realised)
     except OptimizeInputError as e:
+        from rich.console import Console
+
         Console(stderr=True).print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
-    print_run(run, as_json=as_json, console=Console())
+    print_run(run, as_json=as_json)

@@ -51,11 +51,14 @@ def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Pat
     return OptimizeRun(outcome=outcome, result=result, figures=figures)
 
 
-def print_run(run: OptimizeRun, *, as_json: bool, console) -> None:
-    """One JSON object (``--json``) or the rich tables."""
+def print_run(run: OptimizeRun, *, as_json: bool) -> None:
+    """One JSON object on stdout (``--json``; rich is not imported then) or the rich tables."""
     if as_json:
         print(json.dumps(run.result))
         return
+    from rich.console import Console
+
+    console = Console()
     render(run.outcome, console)
     for path in run.figures:
         console.print(f"wrote {path}")
