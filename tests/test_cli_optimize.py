@@ -109,3 +109,10 @@ def test_optimize_imports_no_torch_or_matplotlib(scenario):
             "print(sorted(m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_exact_on_a_large_instance_exits_2(tmp_path):
+    path = tmp_path / "default.yaml"
+    path.write_text("model: {preset: stories260k, seq_len: 64}\n")  # K = 5, M = 20: too many assignments
+    result = _run("--scenario", path, "--method", "exact")
+    assert result.exit_code == 2 and result.output.startswith("error: --method exact: ")
