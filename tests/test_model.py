@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
 
+from sflllm.cost.profile import MODEL_FAMILIES
 from sflllm.model import (
     FAMILIES,
     attach_lora,
@@ -132,6 +133,10 @@ def test_attach_lora_rejects_targets_that_match_nothing_and_leaves_the_model_alo
         attach_lora(model, rank=2, alpha=4, dropout=0.0, targets=["no_such_layer"])
     assert all(p.requires_grad for p in model.parameters())
     assert not any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_the_engine_and_the_cost_model_support_the_same_families() -> None:
+    assert set(FAMILIES) == set(MODEL_FAMILIES)
 
 
 def test_unsupported_family_is_rejected_with_the_supported_list() -> None:

@@ -1,7 +1,8 @@
 """Registry of supported causal-LM families, keyed by ``config.model_type``.
 
-Adding a family is one entry: its default LoRA targets and a function returning its
-:class:`~sflllm.model.parts.FamilyParts` (see :mod:`sflllm.model.gpt2`, :mod:`sflllm.model.llama`).
+Adding a family is one entry here (a function returning its :class:`~sflllm.model.parts.FamilyParts`,
+see :mod:`sflllm.model.gpt2`, :mod:`sflllm.model.llama`) plus its ``model_type`` in the cost model's
+``MODEL_FAMILIES``, which also holds the spec §2 default LoRA targets both sides use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
+from sflllm.cost.profile import DEFAULT_LORA_TARGETS, MODEL_FAMILIES
 from sflllm.model.gpt2 import gpt2_parts
 from sflllm.model.llama import llama_layer_types, llama_like_parts, mistral_layer_types, qwen2_layer_types
 from sflllm.model.parts import FamilyParts
@@ -25,11 +27,16 @@ class Family:
     fan_in_fan_out: bool = False  # True where the block's linears store (in, out) weights (GPT-2 Conv1D)
 
 
+def _targets(model_type: str) -> tuple[str, ...]:
+    """Spec §2 default targets, shared with the cost model (one source of truth, torch-free)."""
+    return DEFAULT_LORA_TARGETS[MODEL_FAMILIES[model_type]]
+
+
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(lora_targets=("c_attn",), parts=gpt2_parts, fan_in_fan_out=True),
-    "llama": Family(lora_targets=("q_proj", "v_proj"), parts=llama_like_parts(llama_layer_types)),
-    "mistral": Family(lora_targets=("q_proj", "v_proj"), parts=llama_like_parts(mistral_layer_types)),
-    "qwen2": Family(lora_targets=("q_proj", "v_proj"), parts=llama_like_parts(qwen2_layer_types)),
+    "gpt2": Family(lora_targets=_targets("gpt2"), parts=gpt2_parts, fan_in_fan_out=True),
+    "llama": Family(lora_targets=_targets("llama"), parts=llama_like_parts(llama_layer_types)),
+    "mistral": Family(lora_targets=_targets("mistral"), parts=llama_like_parts(mistral_layer_types)),
+    "qwen2": Family(lora_targets=_targets("qwen2"), parts=llama_like_parts(qwen2_layer_types)),
 }
 
 
