@@ -323,3 +323,9 @@ def test_dirichlet_missing_attribute_is_its_own_class():
     for has_food in (True, False):
         rows = [i for i in range(40) if ("food" in parse_mr(examples[i].mr)) == has_food]
         assert max(Counter(owner[rows]).values()) >= 0.9 * len(rows)
+
+
+def test_tokenizer_without_eos_is_rejected(byte_bpe_tokenizer):
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=byte_bpe_tokenizer.backend_tokenizer)
+    with pytest.raises(ValueError, match="has no eos_token"):
+        tokenize(synthetic_examples(2, seed=0), no_eos, 64)
