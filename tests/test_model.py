@@ -133,6 +133,10 @@ def test_attach_lora_rejects_targets_that_match_nothing_and_leaves_the_model_alo
         attach_lora(model, rank=2, alpha=4, dropout=0.0, targets=["no_such_layer"])
     assert all(p.requires_grad for p in model.parameters())
     assert not any("lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="targets"):
+        attach_lora(model, rank=2, alpha=4, dropout=0.0, targets=[])
+    one = attach_lora(model, rank=2, alpha=4, dropout=0.0, targets="c_fc")  # a string is one module name
+    assert lora_parameters(one) and all(".c_fc.lora_" in name for name in lora_parameters(one))
 
 
 def test_the_engine_and_the_cost_model_support_the_same_families() -> None:

@@ -37,12 +37,18 @@ def attach_lora(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     fam = family(model.config.model_type)
+    if targets is None:
+        targets = fam.lora_targets
+    elif isinstance(targets, str):  # one module name, not a sequence of characters
+        targets = [targets]
+    if not targets:
+        raise ValueError("targets must name at least one module (None means the family default)")
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=int(rank),
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(targets) if targets is not None else list(fam.lora_targets),
+        target_modules=list(targets),
         fan_in_fan_out=fam.fan_in_fan_out,
     )
     with torch.random.fork_rng(devices=[]):
