@@ -265,9 +265,9 @@ def test_real_pretrained_model_learns_e2e_and_scores_generations(tmp_path, stori
         "--model", str(stories260k_dir),
         "--data", str(e2e_dir / "devset.csv"),
         "--eval-data", str(e2e_dir / "testset_w_refs.csv"),
-        "--train-samples", "192", "--eval-samples", "32", "--seq-len", "160",
+        "--train-samples", "96", "--eval-samples", "32", "--seq-len", "160",
         "--clients", "3", "--split-layer", "2", "--rank", "4", "--partition", "dirichlet",
-        "--rounds", "3", "--local-steps", "4", "--batch-size", "4", "--lr", "5e-3",
+        "--rounds", "2", "--local-steps", "3", "--batch-size", "4", "--lr", "5e-3",
         "--generate", "--generate-samples", "4", "--max-new-tokens", "32",
         "--output", str(out),
     )  # fmt: skip

@@ -49,6 +49,7 @@ def train(
     partition: Annotated[str | None, typer.Option(help="iid | dirichlet.")] = None,
     dirichlet_alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = None,
     partition_attribute: Annotated[str | None, typer.Option(help="MR slot the Dirichlet partition skews on.")] = None,
+    keep_mr_together: Annotated[bool | None, typer.Option("--keep-mr-together/--split-mrs", help="Keep all references of one MR on one client (default) or split them.")] = None,
     eval_samples: Annotated[int | None, typer.Option(help="Held-out examples for the held-out loss.")] = None,
     generate: Annotated[bool | None, typer.Option("--generate/--no-generate", help="Generate for held-out MRs and score BLEU/ROUGE-L/NIST/...")] = None,
     generate_samples: Annotated[int | None, typer.Option(help="Distinct held-out MRs to generate for.")] = None,
@@ -63,7 +64,6 @@ def train(
     Without --model and --data this runs an offline demo (tiny built-in model, synthetic data).
     """
     flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_FIELDS and v is not None}
-    import time
     import warnings
 
     from rich.console import Console
@@ -72,26 +72,26 @@ def train(
 
     if lora_targets is not None:
         flags["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
-    err = Console(stderr=True)
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations peft triggers
-    try:
-        if resume is not None:
-            if config is not None or output is not None:
-                raise TrainInputError("--resume continues the run with its saved config.yaml; drop --config/--output")
-            from sflllm.experiments.train import resume_train
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}", markup=False)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations peft triggers
+        try:
+            if resume is not None:
+                if config is not None or output is not None:
+                    raise TrainInputError("--resume continues the run in DIR with its config.yaml; drop --config/--output")
+                from sflllm.experiments.train import resume_train
 
-            resume_train(resume, flags, progress=not quiet)
-        else:
-            from sflllm.experiments.train import run_train
+                resume_train(resume, flags, progress=not quiet)
+            else:
+                from sflllm.experiments.train import run_train
 
-            file_values = read_config_file(config) if config is not None else {}
-            cfg = resolve_config(file_values, flags, source=str(config) if config else "options")
-            out = output if output is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-            run_train(cfg, out, progress=not quiet)
-    except TrainInputError as e:
-        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+                file_values = read_config_file(config) if config is not None else {}
+                cfg = resolve_config(file_values, flags, source=str(config) if config else "options")
+                run_train(cfg, output, progress=not quiet)
+        except TrainInputError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(code=2) from None
 
 
 _NOT_CONFIG_FIELDS = frozenset({"config", "output", "resume", "quiet", "lora_targets"})

@@ -55,6 +55,7 @@ class TrainConfig(BaseModel):
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     partition_attribute: str = "eatType"
+    keep_mr_together: bool = Field(True, description="all references of one MR go to the same client")
 
     # evaluation
     eval_samples: int = Field(64, ge=1, description="held-out examples for the held-out loss")

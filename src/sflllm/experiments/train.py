@@ -57,7 +57,15 @@ from sflllm.experiments.config import (
     resolve_config,
 )
 from sflllm.experiments.evaluation import evaluate_generation
-from sflllm.model import SplitModel, attach_lora, build_demo_model, lm_loss_sum, load_pretrained, lora_parameters, split_model
+from sflllm.model import (
+    SplitModel,
+    attach_lora,
+    build_demo_model,
+    lm_loss_sum,
+    load_pretrained,
+    lora_parameters,
+    split_model,
+)
 from sflllm.sfl import Federation, Hyper, make_federation
 
 CONFIG_FILE = "config.yaml"
@@ -196,6 +204,7 @@ def partition_clients(train: Sequence[Example], config: TrainConfig) -> list[np.
             alpha=config.dirichlet_alpha,
             attribute=config.partition_attribute,
             seed=config.seed,
+            keep_mr_together=config.keep_mr_together,
         )
     except (ValueError, KeyError) as e:
         raise TrainInputError(f"partition: {_one_line(e)}") from None
@@ -351,11 +360,23 @@ def _load_resume_state(out: Path, run: _Run) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
+def default_output_dir() -> Path:
+    """``runs/<YYYYmmdd-HHMMSS>`` under the current directory."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
 def run_train(
-    config: TrainConfig, output_dir: Path, *, console: Console | None = None, progress: bool = True
+    config: TrainConfig,
+    output_dir: Path | None = None,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
 ) -> TrainResult:
-    """Train from scratch into ``output_dir`` (must not exist or be empty). Returns the final metrics."""
-    out = Path(output_dir)
+    """Train from scratch into ``output_dir`` (default :func:`default_output_dir`; must not exist or be empty).
+
+    Returns the output dir and the metrics written to ``metrics.json``.
+    """
+    out = Path(output_dir) if output_dir is not None else default_output_dir()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TrainInputError(
             f"output {out} already exists and is not empty; continue it with --resume {out} or choose another --output"
