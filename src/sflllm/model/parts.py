@@ -10,32 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 
-class BlockContext(Protocol):
-    """What every decoder block needs besides the hidden states: masks, position ids, rotary tables.
-
-    Called as ``context(hidden, attention_mask, layers)`` with ``hidden`` (B, S, d), the 2-D padding
-    mask (B, S) and the absolute block indices of the stage; returns one keyword-argument dict per
-    block in ``layers``. Both parts rebuild it from the mask alone, exactly as the unsplit model's
-    forward does, so only the hidden states (and the mask) cross the cut.
-    """
-
-    def __call__(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, layers: range
-    ) -> list[dict[str, Any]]: ...
-
-
 @dataclass(frozen=True, eq=False)
 class FamilyParts:
-    """The pieces of one unsplit causal LM, in forward order (all shared with the model)."""
+    """The pieces of one unsplit causal LM, in forward order (all shared with the model).
+
+    ``context(hidden, attention_mask, layers)`` gives what every decoder block needs besides the
+    hidden states (masks, position ids, rotary tables): one keyword-argument dict per absolute block
+    index in ``layers``, from ``hidden`` (B, S, d) and the 2-D padding mask (B, S). Both parts rebuild
+    it from the mask alone, exactly as the unsplit model's forward does, so only the hidden states
+    (and the mask) cross the cut.
+    """
 
     embed: nn.Module  # input_ids (B, S) -> hidden (B, S, d), position embeddings included
-    context: nn.Module  # a BlockContext
+    context: nn.Module
     blocks: nn.ModuleList  # the L decoder blocks
     norm: nn.Module  # final norm
     lm_head: nn.Module  # hidden -> logits (B, S, V)
