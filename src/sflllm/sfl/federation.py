@@ -178,15 +178,15 @@ class Federation:
         Runs with the federation's own torch RNG stream (used by dropout), in train mode; the
         caller's RNG state and the model's train/eval mode are restored afterwards.
         """
-        model = self.split.full
-        was_training = model.training
+        modes = [(module, module.training) for module in self.split.full.modules()]
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._rng_state)
-            model.train()
+            self.split.full.train()
             try:
                 losses = self._train(progress)
             finally:
-                model.train(was_training)
+                for module, training in modes:
+                    module.training = training
                 self._rng_state = torch.get_rng_state()
         return losses
 
