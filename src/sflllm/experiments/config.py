@@ -43,8 +43,8 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] | None = Field(None, min_length=1, description="None: the model type's default")
     server_adapter: Literal["shared", "per_client"] = "shared"
-    local_steps: int = Field(8, ge=1)
-    rounds: int = Field(8, ge=1)
+    local_steps: int = Field(6, ge=1)
+    rounds: int = Field(6, ge=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(96, ge=4)
     lr: float = Field(1e-2, gt=0)  # suits the offline demo; pass a smaller --lr for pretrained models

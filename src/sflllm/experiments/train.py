@@ -56,7 +56,6 @@ from sflllm.experiments.config import (
     read_config_file,
     resolve_config,
 )
-from sflllm.experiments.evaluation import evaluate_generation
 from sflllm.model import (
     SplitModel,
     attach_lora,
@@ -489,6 +488,8 @@ def _final_metrics(run: _Run, metrics: dict[str, Any], out: Path) -> dict[str, A
 
 def generation_metrics(run: _Run, out: Path) -> dict[str, Any]:
     """E2E metrics of the merged model's generations for the held-out MRs; writes DIR/generations.jsonl."""
+    from sflllm.experiments.evaluation import evaluate_generation  # nltk & co. cost ~1 s to import: only if asked
+
     scores, mrs, hypotheses = evaluate_generation(
         run.split.full,
         run.tokenizer,
