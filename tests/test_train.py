@@ -24,6 +24,7 @@ from sflllm.experiments.train import (
     resume_train,
     run_train,
 )
+from sflllm.sfl import Federation
 
 # A small demo run (built-in model, synthetic data) that still learns.
 TINY = dict(clients=2, local_steps=2, batch_size=4, train_samples=48, eval_samples=16)
@@ -110,21 +111,40 @@ def test_flags_override_yaml_and_yaml_is_1_2(tmp_path):
     assert lora_a and all(t.shape[0] == 3 for t in lora_a)  # the flag's rank, not the file's
 
 
-def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path):
+def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
     config = TrainConfig(**TINY, rounds=3, lora_dropout=0.1)  # dropout: the RNG state must be resumed too
     whole = run_train(config, tmp_path / "whole", progress=False)
-    run_train(config.model_copy(update={"rounds": 2}), tmp_path / "part", progress=False)
-    result = _train("--resume", str(tmp_path / "part"), "--rounds", "3")
+
+    # (a) a finished 2-round run, extended to 3 rounds from the command line
+    run_train(config.model_copy(update={"rounds": 2}), tmp_path / "extended", progress=False)
+    result = _train("--resume", str(tmp_path / "extended"), "--rounds", "3")
     assert result.exit_code == 0, result.output
 
-    for name in (CLIENT_ADAPTER_FILE, SERVER_ADAPTER_FILE, STATE_FILE):
-        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "part" / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (name, key)
-    resumed = json.loads((tmp_path / "part" / METRICS_FILE).read_text())
-    assert _without_wall_times(resumed) == _without_wall_times(whole.metrics)
-    assert read_config_file(tmp_path / "part" / CONFIG_FILE) == read_config_file(tmp_path / "whole" / CONFIG_FILE)
+    # (b) a 3-round run killed during round 3, resumed as is
+    real_run_round = Federation.run_round
+
+    def killed_in_round_3(self, round_index, progress=None):
+        if round_index == 2:
+            raise KeyboardInterrupt
+        return real_run_round(self, round_index, progress)
+
+    monkeypatch.setattr(Federation, "run_round", killed_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(Federation, "run_round", real_run_round)
+    interrupted = json.loads((tmp_path / "killed" / METRICS_FILE).read_text())
+    assert len(interrupted["rounds"]) == 2 and interrupted["final"] is None
+    resume_train(tmp_path / "killed", progress=False)
+
+    for run in ("extended", "killed"):
+        for name in (CLIENT_ADAPTER_FILE, SERVER_ADAPTER_FILE, STATE_FILE):
+            a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / run / name)
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), (run, name, key)
+        resumed = json.loads((tmp_path / run / METRICS_FILE).read_text())
+        assert _without_wall_times(resumed) == _without_wall_times(whole.metrics)
+        assert read_config_file(tmp_path / run / CONFIG_FILE) == read_config_file(tmp_path / "whole" / CONFIG_FILE)
 
 
 def test_resume_api_refuses_to_change_the_trajectory(tmp_path):
