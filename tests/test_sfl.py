@@ -331,7 +331,8 @@ def test_load_state_dict_names_the_bad_key_and_changes_nothing(examples, tokeniz
 
 # ------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(("field", "value"), [("mode", "gossip"), ("local_steps", 0), ("batch_size", 2.5),
-                                              ("lr", 0.0), ("weight_decay", -1.0), ("seed", -1),
+                                              ("lr", 0.0), ("lr", "0.1"), ("lr", float("nan")),
+                                              ("weight_decay", -1.0), ("seed", -1),
                                               ("server_adapter", "many")])
 def test_hyper_rejects_bad_fields(field, value):
     with pytest.raises(ValueError, match=f"Hyper.{field}"):
@@ -350,6 +351,8 @@ def test_make_federation_rejects_bad_client_data(examples, tokenizer):
     mismatched = [tokenize(examples[:4], tokenizer, SEQ_LEN), tokenize(examples[4:8], tokenizer, SEQ_LEN + 8)]
     with pytest.raises(ValueError, match=r"client_data\[1\] has seq_len"):
         make_federation(split, mismatched, Hyper())
+    with pytest.raises(ValueError, match=r"client_data\[0\] must be TokenizedExamples"):
+        make_federation(split, [examples[:4]], Hyper())
 
 
 def test_cut_rejects_wrong_activations(examples, tokenizer):

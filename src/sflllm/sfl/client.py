@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from sflllm.data import TokenizedExamples
 from sflllm.sfl.adapter import Adapter
 
 
@@ -73,27 +74,26 @@ class ClientState:
     shape (D_k, s)); it is shared, read-only, with the caller.
     """
 
-    def __init__(self, index: int, data, adapter: Adapter, *, seed: int, batch_size: int) -> None:
+    def __init__(self, index: int, data: TokenizedExamples, adapter: Adapter, *, seed: int, batch_size: int) -> None:
         self.index = index
         self.adapter = adapter
         self.cursor = Cursor()
         self._seed = seed
         self._batch_size = batch_size
-        self._input_ids = torch.as_tensor(data.input_ids)
-        self._attention_mask = torch.as_tensor(data.attention_mask)
-        self._labels = torch.as_tensor(data.labels)
+        self._data = data
 
     @property
     def num_examples(self) -> int:
         """D_k, the client's local data size (its FedAvg weight)."""
-        return int(self._input_ids.shape[0])
+        return len(self._data)
 
     def next_batch(self) -> Batch:
         rows, self.cursor = next_indices(
             self.num_examples, self._batch_size, self._seed, self.index, self.cursor
         )
         index = torch.from_numpy(rows)
-        return Batch(self._input_ids[index], self._attention_mask[index], self._labels[index])
+        data = self._data
+        return Batch(data.input_ids[index], data.attention_mask[index], data.labels[index])
 
 
 def client_forward(client_module: torch.nn.Module, lora: dict[str, Tensor], batch: Batch) -> Tensor:

@@ -21,14 +21,17 @@ Client AdamW moments are local and are not averaged by FedAvg.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Real
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from sflllm.data import TokenizedExamples
 from sflllm.model import SplitModel, lm_loss, lora_parameters
 from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.client import Batch, ClientState, Cursor, client_backward, client_forward, to_cut
@@ -68,36 +71,34 @@ class Hyper:
                 raise ValueError(f"Hyper.{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Hyper.seed must be an integer >= 0, got {self.seed!r}")
-        if not self.lr > 0:
-            raise ValueError(f"Hyper.lr must be > 0, got {self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"Hyper.weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Hyper.{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("Hyper.lr must be > 0, got 0")
 
 
-def _pooled(client_data: list) -> "_Pooled":
-    return _Pooled(*(torch.cat([torch.as_tensor(getattr(d, f)) for d in client_data])
-                     for f in ("input_ids", "attention_mask", "labels")))
+def pooled(client_data: list[TokenizedExamples]) -> TokenizedExamples:
+    """All clients' rows concatenated in client order: the centralized baseline's data."""
+    return TokenizedExamples(
+        input_ids=torch.cat([d.input_ids for d in client_data]),
+        attention_mask=torch.cat([d.attention_mask for d in client_data]),
+        labels=torch.cat([d.labels for d in client_data]),
+        mrs=tuple(mr for d in client_data for mr in d.mrs),
+        refs=tuple(ref for d in client_data for ref in d.refs),
+    )
 
 
-@dataclass(frozen=True)
-class _Pooled:
-    """All clients' rows concatenated in client order (the centralized baseline's data)."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-
-
-def _check_client_data(client_data: list) -> None:
+def _check_client_data(client_data: list[TokenizedExamples]) -> None:
     if not client_data:
         raise ValueError("client_data must hold at least one client's TokenizedExamples")
     seq_len = None
     for k, data in enumerate(client_data):
-        shapes = {f: tuple(torch.as_tensor(getattr(data, f)).shape) for f in ("input_ids", "attention_mask", "labels")}
-        if len(set(shapes.values())) != 1 or len(shapes["input_ids"]) != 2:
-            raise ValueError(f"client_data[{k}]: input_ids/attention_mask/labels must share one (rows, seq_len) "
-                             f"shape, got {shapes}")
-        rows, length = shapes["input_ids"]
+        if not isinstance(data, TokenizedExamples):
+            raise ValueError(f"client_data[{k}] must be TokenizedExamples (sflllm.data.tokenize), "
+                             f"got {type(data).__name__}")
+        rows, length = data.input_ids.shape  # TokenizedExamples checks its three tensors agree
         if rows == 0:
             raise ValueError(f"client_data[{k}] is empty; every client needs at least one example")
         if seq_len is not None and length != seq_len:
@@ -113,7 +114,7 @@ class Federation:
     and (for clients) a data cursor; the base model is shared by everyone.
     """
 
-    def __init__(self, split: SplitModel, client_data: list, hyper: Hyper) -> None:
+    def __init__(self, split: SplitModel, client_data: list[TokenizedExamples], hyper: Hyper) -> None:
         _check_client_data(client_data)
         self.split = split
         self.hyper = hyper
@@ -133,7 +134,7 @@ class Federation:
 
         mode, K = hyper.mode, self.num_clients
         if mode == "centralized":
-            self.clients = [client(0, _pooled(client_data), adapter(client_init), K * hyper.batch_size)]
+            self.clients = [client(0, pooled(client_data), adapter(client_init), K * hyper.batch_size)]
         elif mode == "sl":
             relay = adapter(client_init)
             self.clients = [client(k, d, relay, hyper.batch_size) for k, d in enumerate(client_data)]
@@ -143,7 +144,7 @@ class Federation:
         self.servers = [adapter(server_init) for _ in range(K if per_client_server else 1)]
         self._rng_state = torch.Generator().manual_seed(hyper.seed).get_state()
         self._hidden_size = int(split.full.config.hidden_size)
-        self._dtype = next(iter(client_init.values())).dtype
+        self._dtype = split.full.dtype  # the base model's dtype: what the client blocks emit
 
     # ---------------------------------------------------------------- parties
     @property
@@ -307,7 +308,7 @@ def _report(progress: Progress | None, done: int, total: int) -> None:
         progress(done, total)
 
 
-def make_federation(split: SplitModel, client_data: list, hyper: Hyper) -> Federation:
+def make_federation(split: SplitModel, client_data: list[TokenizedExamples], hyper: Hyper) -> Federation:
     """Set up K clients (one per ``client_data`` entry), the main server and the federated server.
 
     Every party starts from the adapters currently in ``split`` (the broadcast initial adapter).
