@@ -353,6 +353,9 @@ def test_make_federation_rejects_bad_client_data(examples, tokenizer):
         make_federation(split, mismatched, Hyper())
     with pytest.raises(ValueError, match=r"client_data\[0\] must be TokenizedExamples"):
         make_federation(split, [examples[:4]], Hyper())
+    no_lora = split_model(build_demo_model(len(tokenizer), seed=0, num_layers=2, hidden_size=32, num_heads=2), 1)
+    with pytest.raises(ValueError, match="split.client has no LoRA tensors"):
+        make_federation(no_lora, [tokenize(examples[:4], tokenizer, SEQ_LEN)], Hyper())
 
 
 def test_cut_rejects_wrong_activations(examples, tokenizer):

@@ -26,8 +26,6 @@ class Adapter:
     """
 
     def __init__(self, initial: Mapping[str, Tensor], *, lr: float, weight_decay: float) -> None:
-        if not initial:
-            raise ValueError("an adapter needs at least one LoRA tensor (did attach_lora run?)")
         self.tensors: dict[str, Tensor] = {
             name: t.detach().clone().requires_grad_(True) for name, t in initial.items()
         }

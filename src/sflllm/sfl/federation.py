@@ -121,6 +121,10 @@ class Federation:
         self.num_clients = len(client_data)
         client_init = lora_parameters(split.client)
         server_init = lora_parameters(split.server)
+        for part, init in (("client", client_init), ("server", server_init)):
+            if not init:
+                raise ValueError(f"split.{part} has no LoRA tensors: attach_lora (with targets in both parts) "
+                                 "must run before split_model")
         # client and server parts name their blocks from 0 each, so map each part separately
         full_name = {id(p): name for name, p in split.full.named_parameters()}
         self._client_full_names = {name: full_name[id(p)] for name, p in client_init.items()}
@@ -161,6 +165,8 @@ class Federation:
     def run_round(self, round_index: int, progress: Progress | None = None) -> dict:
         """Run round ``round_index``: I local iterations, then aggregation and broadcast (spec §1).
 
+        ``round_index`` is only reported back: the data order follows the clients' cursors, so a
+        resumed federation needs nothing but its :meth:`state_dict`.
         Returns ``{"round", "train_loss", "samples", "local_steps"}``; ``train_loss`` is the mean
         over the round's iterations and clients of the per-batch LM loss.
         """
