@@ -61,8 +61,10 @@ def test_offline_default_runs_end_to_end_without_any_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "load_pretrained", no_hub)
     monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
     result = _train("--rounds", "2", "--local-steps", "3")
     assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == threads  # the demo's single intra-op thread is not left behind
     assert "demo" in result.output and "--model" in result.output  # says it is a demo, and how to run a real model
 
     (out,) = (tmp_path / "runs").iterdir()  # default output dir runs/<timestamp>
@@ -278,7 +280,6 @@ def test_resume_cli_rejects_changed_training_flags(tmp_path, finished_run):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
 def test_real_pretrained_model_learns_e2e_and_scores_generations(tmp_path, stories260k_dir, e2e_dir):
     out = tmp_path / "stories"
     result = _train(
@@ -288,7 +289,7 @@ def test_real_pretrained_model_learns_e2e_and_scores_generations(tmp_path, stori
         "--train-samples", "96", "--eval-samples", "32", "--seq-len", "160",
         "--clients", "3", "--split-layer", "2", "--rank", "4", "--partition", "dirichlet",
         "--rounds", "2", "--local-steps", "3", "--batch-size", "4", "--lr", "5e-3",
-        "--generate", "--generate-samples", "4", "--max-new-tokens", "32",
+        "--generate", "--generate-samples", "4", "--max-new-tokens", "32", "--threads", "1",
         "--output", str(out),
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -64,6 +64,11 @@ class TrainConfig(BaseModel):
     num_beams: int = Field(1, ge=1)
     max_new_tokens: int = Field(40, ge=1)
 
+    # execution only (results do not depend on it)
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; None: 1 for the built-in demo model, torch's default otherwise"
+    )
+
     @model_validator(mode="after")
     def _per_client_server_needs_sfl(self) -> TrainConfig:
         if self.server_adapter == "per_client" and self.mode != "sfl":
@@ -78,7 +83,7 @@ class TrainConfig(BaseModel):
 
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.
-RESUMABLE_FIELDS = frozenset({"rounds", "generate", "generate_samples", "num_beams", "max_new_tokens"})
+RESUMABLE_FIELDS = frozenset({"rounds", "generate", "generate_samples", "num_beams", "max_new_tokens", "threads"})
 
 
 def _yaml() -> YAML:

@@ -20,7 +20,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,25 @@ def _load_resume_state(out: Path, run: _Run) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
+@contextmanager
+def torch_threads(config: TrainConfig) -> Iterator[None]:
+    """Run with ``config.threads`` torch intra-op threads (restored afterwards).
+
+    Unset, the built-in demo model runs on one thread: its 128-wide matrices gain nothing from
+    more, and on 2 shared cores two threads made the offline demo 2-3x slower (measured).
+    """
+    threads = config.threads or (1 if config.model is None else None)
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def default_output_dir() -> Path:
     """``runs/<YYYYmmdd-HHMMSS>`` under the current directory."""
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -378,19 +398,19 @@ def run_train(
         raise TrainInputError(
             f"output {out} already exists and is not empty; continue it with --resume {out} or choose another --output"
         )
-    run = prepare(config)
-    console = console or Console(soft_wrap=True)
-    metrics = {
-        "schema": METRICS_SCHEMA,
-        "demo": config.is_demo,
-        "mode": config.mode,
-        "initial": {"heldout_loss": heldout_loss(run.split.full, run.eval_tokens, config.batch_size)},
-        "rounds": [],
-        "final": None,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
-    return _train_rounds(out, run, metrics, console, progress)
+    with torch_threads(config):
+        run = prepare(config)
+        metrics = {
+            "schema": METRICS_SCHEMA,
+            "demo": config.is_demo,
+            "mode": config.mode,
+            "initial": {"heldout_loss": heldout_loss(run.split.full, run.eval_tokens, config.batch_size)},
+            "rounds": [],
+            "final": None,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
+        return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
 
 
 def resume_train(
@@ -414,14 +434,15 @@ def resume_train(
             f"(only {', '.join(sorted(RESUMABLE_FIELDS))} can)"
         )
     config = resolve_config(saved, overrides, source=f"resume {out}")
-    run = prepare(config)
-    metrics = _load_resume_state(out, run)
-    metrics["final"] = None
-    done = len(metrics["rounds"])
-    if done >= config.rounds:
-        raise TrainInputError(f"resume: {out} already has {done} rounds; pass --rounds greater than {done}")
-    write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
-    return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
+    with torch_threads(config):
+        run = prepare(config)
+        metrics = _load_resume_state(out, run)
+        metrics["final"] = None
+        done = len(metrics["rounds"])
+        if done >= config.rounds:
+            raise TrainInputError(f"resume: {out} already has {done} rounds; pass --rounds greater than {done}")
+        write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
+        return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
 
 
 def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Console, show: bool) -> TrainResult:
