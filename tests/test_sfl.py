@@ -122,11 +122,15 @@ def test_concatenated_server_batch_equals_per_client_passes(examples, tokenizer)
     split = tiny_split("llama", len(tokenizer), split_layer=2)
     batches = [Batch(d.input_ids, d.attention_mask, d.labels) for d in data]
     with torch.no_grad():
-        acts = [split.client(b.input_ids, b.attention_mask) for b in batches]
+        acts = [to_cut(split.client(b.input_ids, b.attention_mask)) for b in batches]
     server_lora = lora_parameters(split.server)
     together = server_losses(split.server, server_lora, acts, batches)
+    grads_together = torch.autograd.grad(torch.stack(together).sum(), acts)
     apart = [server_losses(split.server, server_lora, [a], [b])[0] for a, b in zip(acts, batches)]
     torch.testing.assert_close(torch.stack(together), torch.stack(apart), atol=1e-6, rtol=0)
+    for k, (loss, act) in enumerate(zip(apart, acts)):  # client k gets the gradient of its own loss
+        (own,) = torch.autograd.grad(loss, act)
+        torch.testing.assert_close(grads_together[k], own, atol=1e-7, rtol=1e-5, msg=f"client {k}")
 
 
 # ------------------------------------------------------------------------- federated server
