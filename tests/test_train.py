@@ -33,8 +33,8 @@ TINY_FLAGS = ["--clients", "2", "--local-steps", "2", "--batch-size", "4", "--tr
 runner = CliRunner()
 
 
-def _train(*args: str):
-    return runner.invoke(app, ["train", "--quiet", *args])
+def _train(*args: str, quiet: bool = True):
+    return runner.invoke(app, ["train", *(["--quiet"] if quiet else []), *args])
 
 
 def _error_lines(result) -> list[str]:
@@ -62,7 +62,7 @@ def test_offline_default_runs_end_to_end_without_any_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "load_pretrained", no_hub)
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
-    result = _train("--rounds", "2", "--local-steps", "3")
+    result = _train("--rounds", "2", "--local-steps", "3", quiet=False)  # with the progress bar
     assert result.exit_code == 0, result.output
     assert torch.get_num_threads() == threads  # the demo's single intra-op thread is not left behind
     assert "demo" in result.output and "--model" in result.output  # says it is a demo, and how to run a real model

@@ -3,7 +3,9 @@
 Layout of the output directory ``DIR`` (every file written atomically, nothing pickled)::
 
     DIR/config.yaml                 the resolved TrainConfig (YAML 1.2)
-    DIR/metrics.json                per round: train loss, held-out loss, wall time; final metrics
+    DIR/metrics.json                per round: train loss, held-out loss, wall time of the round's training
+                                    (local iterations + aggregation); final held-out loss, perplexity,
+                                    generation metrics
     DIR/client_adapter.safetensors  global (FedAvg'd) client adapter: LoRA tensors of blocks 1..split_layer
     DIR/server_adapter.safetensors  server adapter: LoRA tensors of blocks split_layer+1..L
     DIR/state.safetensors           resume state: Federation.state_dict() (adapters, optimizer states,
@@ -494,7 +496,7 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
             + ", ".join(f"{k} {v:.4g}" for k, v in final["generation"].items() if isinstance(v, float)),
             highlight=False,
         )
-    console.print(f"results in {out}/ ({METRICS_FILE}, {CONFIG_FILE}, *.safetensors)", highlight=False)
+    console.print(f"results in {out}/ ({METRICS_FILE}, {CONFIG_FILE}, *.safetensors)", highlight=False, markup=False)
     return TrainResult(out, metrics)
 
 
