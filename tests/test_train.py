@@ -113,8 +113,18 @@ def test_flags_override_yaml_and_yaml_is_1_2(tmp_path):
     assert lora_a and all(t.shape[0] == 3 for t in lora_a)  # the flag's rank, not the file's
 
 
-def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    config = TrainConfig(**TINY, rounds=3, lora_dropout=0.1)  # dropout: the RNG state must be resumed too
+MODES = {
+    "sfl": dict(mode="sfl"),
+    "sfl, per-client server adapters": dict(mode="sfl", server_adapter="per_client"),
+    "sl": dict(mode="sl"),
+    "fl": dict(mode="fl"),
+    "centralized": dict(mode="centralized"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch, mode):
+    config = TrainConfig(**TINY, **mode, rounds=3, lora_dropout=0.1)  # dropout: the RNG state must be resumed too
     whole = run_train(config, tmp_path / "whole", progress=False)
 
     # (a) a finished 2-round run, extended to 3 rounds from the command line

@@ -89,6 +89,8 @@ REAL_RUN_HINT = (
 
 @dataclass(frozen=True)
 class TrainResult:
+    """Where a run wrote its files, and the metrics it wrote to ``metrics.json``."""
+
     output_dir: Path
     metrics: dict[str, Any]
 
