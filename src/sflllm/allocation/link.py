@@ -424,16 +424,21 @@ def _covering_counts(K: int, M: int) -> tuple[tuple[int, ...], ...]:
 def _uniform_covering(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     """Exact uniform draw of an owner array covering all K clients, subchannel by subchannel: with r
     subchannels left and u clients uncovered, an uncovered client gets the next one with probability
-    u N(r-1, u-1) / N(r, u) (see :func:`_covering_counts`)."""
+    u N(r-1, u-1) / N(r, u) (see :func:`_covering_counts`), uniformly among the uncovered (else among
+    the covered) clients in increasing index order.  Plain lists: this loop runs once per subchannel."""
     counts = _covering_counts(K, M)
-    covered = np.zeros(K, dtype=bool)
+    uncovered = list(range(K))  # both ascending, as np.flatnonzero would list them
+    covered: list[int] = []
     owner = np.empty(M, dtype=np.int64)
     for i in range(M):
-        r, u = M - i, K - int(covered.sum())
+        r, u = M - i, len(uncovered)
         p_uncovered = u * counts[r - 1][u - 1] / counts[r][u] if u else 0.0
-        pool = np.flatnonzero(~covered) if rng.random() < p_uncovered else np.flatnonzero(covered)
-        owner[i] = pool[rng.integers(pool.size)]
-        covered[owner[i]] = True
+        if rng.random() < p_uncovered:
+            client = uncovered.pop(int(rng.integers(u)))
+            insort(covered, client)
+        else:
+            client = covered[int(rng.integers(len(covered)))]
+        owner[i] = client
     return owner
 
 
