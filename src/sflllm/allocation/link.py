@@ -132,6 +132,15 @@ class Link:
         """(K, M) SNR per watt, g / (N0 * W)."""
         return self.gains / (self.noise_w_per_hz * self.bandwidth_hz)
 
+    @functools.cached_property
+    def preference(self) -> tuple[list[list[int]], list[list[float]]]:
+        """Each client's subchannels by decreasing snr (lowest index first on ties), and those snr.
+
+        Plain lists for :func:`greedy_assignment`, which walks them once per subchannel handed out.
+        """
+        order = np.argsort(-self.snr, axis=1, kind="stable")
+        return order.tolist(), np.take_along_axis(self.snr, order, axis=1).tolist()
+
 
 @dataclass(frozen=True, eq=False)
 class LinkAllocation:
@@ -362,15 +371,20 @@ def greedy_assignment(link: Link, c, D, budget_w=None) -> np.ndarray:
     budget = link.p_max_w if budget_w is None else np.asarray(budget_w, dtype=float)
     if budget.shape != (k,) or not np.all(np.isfinite(budget)) or np.any(budget < 0):
         raise ValueError(f"budget_w must be ({k},) finite non-negative powers, got shape {budget.shape}")
-    snr = link.snr
+    order, ordered_snr = link.preference
     owner = np.full(m, -1, dtype=np.intp)
-    free = np.ones(m, dtype=bool)
-    held: list[list[float]] = [[] for _ in range(k)]  # each client's snr, descending
+    free = [True] * m
+    cursor = [0] * k  # each client's first position in ``order`` that may still be free
+    held: list[list[float]] = [[] for _ in range(k)]  # each client's -snr, ascending
 
     def take(client: int) -> None:
-        j = int(np.argmax(np.where(free, snr[client], -np.inf)))
+        """Give ``client`` its best free subchannel (its largest snr, lowest index on ties)."""
+        mine, n = order[client], cursor[client]
+        while not free[mine[n]]:
+            n += 1
+        j, cursor[client] = mine[n], n + 1
         owner[j], free[j] = client, False
-        insort(held[client], -snr[client, j])
+        insort(held[client], -ordered_snr[client][n])
 
     def latency(client: int) -> float:
         bits = _client_bits_per_hz(held[client], float(budget[client]))
