@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -69,11 +69,13 @@ class TrainConfig(BaseModel):
         None, ge=1, description="torch intra-op threads; None: 1 for the built-in demo model, torch's default otherwise"
     )
 
-    @model_validator(mode="after")
-    def _per_client_server_needs_sfl(self) -> TrainConfig:
-        if self.server_adapter == "per_client" and self.mode != "sfl":
-            raise ValueError(f"server_adapter 'per_client' applies to mode 'sfl' only, not {self.mode!r}")
-        return self
+    @field_validator("server_adapter")
+    @classmethod
+    def _per_client_server_needs_sfl(cls, value: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode", "sfl")
+        if value == "per_client" and mode != "sfl":
+            raise ValueError(f"'per_client' applies to mode 'sfl' only, not {mode!r}")
+        return value
 
     @property
     def is_demo(self) -> bool:
@@ -97,8 +99,12 @@ def describe_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
-        got = f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and "input" in e else ""
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg, got = "unknown field", ""
+        elif e["type"] == "value_error":  # our own validators: the message says it all
+            msg, got = str(e["ctx"]["error"]), ""
+        else:
+            msg, got = e["msg"], f" (got {e['input']!r})"
         parts.append(f"{field}: {msg}{got}")
     return "; ".join(parts)
 

@@ -131,14 +131,14 @@ def load_model_and_tokenizer(config: TrainConfig):
     try:
         return load_pretrained(config.model)
     except (ValueError, OSError) as e:
-        raise TrainInputError(f"model {config.model!r} cannot be loaded: {_one_line(e)}") from None
+        raise TrainInputError(_naming(_one_line(e), "model", config.model)) from None
 
 
 def _load(source: str, field: str) -> list[Example]:
     try:
         examples = load_examples(source)
     except (ValueError, OSError) as e:
-        raise TrainInputError(f"{field} {source!r}: {_one_line(e)}") from None
+        raise TrainInputError(_naming(_one_line(e), field, source)) from None
     if not examples:
         raise TrainInputError(f"{field} {source!r} holds no examples")
     return examples
@@ -532,6 +532,13 @@ def _demo_what(config: TrainConfig) -> str:
     if config.data is None:
         parts.append("synthetic E2E-style data")
     return " + ".join(parts)
+
+
+def _naming(message: str, field: str, value: str) -> str:
+    """``message`` prefixed so that it names both the option ``field`` and its ``value`` once."""
+    if value not in message:
+        return f"{field} {value!r}: {message}"
+    return message if message.startswith(field) else f"{field}: {message}"
 
 
 def _one_line(e: BaseException) -> str:
