@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sflllm import __version__
 from sflllm.data import (
@@ -101,7 +102,7 @@ class _Run:
 
     config: TrainConfig
     split: SplitModel
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     federation: Federation
     eval_tokens: TokenizedExamples
     generation_examples: list[Example]  # every reference of the first generate_samples held-out MRs
@@ -116,7 +117,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model_and_tokenizer(config: TrainConfig):
+def load_model_and_tokenizer(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base causal LM and its tokenizer: the built-in demo pair, or ``config.model`` (hub name or dir)."""
     if config.model is None:
         tokenizer = build_demo_tokenizer()
