@@ -197,6 +197,14 @@ def _prefix_sums(sorted_snr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return valid, cum_log, cum_inv
 
 
+def _at_last(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``values[..., index[...]]`` row by row on the last axis (``take_along_axis`` without its overhead)."""
+    if values.shape[:-1] != index.shape:
+        values = np.broadcast_to(values, index.shape + values.shape[-1:])
+    flat = values.reshape(-1, values.shape[-1])
+    return flat[np.arange(flat.shape[0]), index.reshape(-1)].reshape(index.shape)
+
+
 class _Rows:
     """Descending-sorted snr rows with their prefix sums, for repeated water-filling."""
 
@@ -216,10 +224,9 @@ class _Rows:
             log_mu = (rho - self.cum_log) / self.count
             active = self.valid & (log_mu + self.log_snr > 0)
             m = active.sum(axis=-1)
-            idx = np.maximum(m - 1, 0)[..., None]
-            log_mu_m = np.take_along_axis(log_mu, idx, axis=-1)[..., 0]
-            mu = np.exp2(log_mu_m)
-            power = m * mu - np.take_along_axis(self.cum_inv, idx, axis=-1)[..., 0]
+            idx = np.maximum(m - 1, 0)
+            mu = np.exp2(_at_last(log_mu, idx))
+            power = m * mu - _at_last(self.cum_inv, idx)
         power = np.where(m > 0, np.maximum(power, 0.0), 0.0)
         power = np.where(self.valid[..., 0] | (rho[..., 0] <= 0), power, np.inf)
         return power, np.where(m > 0, mu, 0.0)
@@ -230,10 +237,9 @@ class _Rows:
         mu = (budget + self.cum_inv) / self.count
         active = self.valid & (mu * np.where(self.valid, self.snr, 1.0) > 1)
         m = active.sum(axis=-1)
-        idx = np.maximum(m - 1, 0)[..., None]
-        mu_m = np.take_along_axis(mu, idx, axis=-1)[..., 0]
+        idx = np.maximum(m - 1, 0)
         with np.errstate(divide="ignore"):
-            bits = m * np.log2(mu_m) + np.take_along_axis(self.cum_log, idx, axis=-1)[..., 0]
+            bits = m * np.log2(_at_last(mu, idx)) + _at_last(self.cum_log, idx)
         return np.where(m > 0, bits, 0.0)
 
 
