@@ -107,6 +107,10 @@ def optimize(
     save_realised: Annotated[Path | None, typer.Option("--save-realised", help="Write the realised scenario (every draw explicit) to this YAML file.")] = None,
 ) -> None:
     """Jointly optimise subchannels, power, split layer and LoRA rank to minimise the training delay."""
+    import os
+
+    # The optimiser's arrays are tiny (K x M): BLAS threads only cost start-up CPU (set before numpy loads).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from sflllm.experiments.optimize import OptimizeInputError, print_run, run_optimize
 
     try:
