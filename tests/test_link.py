@@ -140,6 +140,15 @@ def test_water_filling_beats_any_other_split(snr, power, seed):
     assert np.sum(np.log2(1 + split * snr)) <= best * (1 + 1e-12) + 1e-12
 
 
+@given(snr=snr_rows, power=st.floats(1e-6, 10.0), seed=st.integers(0, 2**32 - 1))
+def test_public_water_filling_rate_takes_any_order_and_ignores_unusable(snr, power, seed):
+    shuffled = np.random.default_rng(seed).permutation(np.concatenate([snr, np.zeros(2)]))
+    expected = L._Rows(snr[None, :]).max_rate(np.array([power]))[0]
+    assert L.water_filling_rate(shuffled, power) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    both = L.water_filling_rate(np.stack([shuffled, shuffled[::-1]]), np.array([power, power]))
+    np.testing.assert_allclose(both, [expected, expected], rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ power control vs a generic convex solver
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "rates",
     "solve_link",
     "solve_link_exact",
+    "water_filling_rate",
 ]
 
 #: solve_link_exact refuses instances with K * 3**M above this (the subset DP's work per feasibility
@@ -254,6 +255,17 @@ def _owned_rows(snr: np.ndarray, owner: np.ndarray) -> _Rows:
 
 # ----------------------------------------------------------------------------------------------
 # public building blocks
+
+
+def water_filling_rate(snr, power_w) -> np.ndarray:
+    """Largest spectral efficiency (bit/s/Hz) of each row of ``snr`` with ``power_w`` water-filled over it.
+
+    ``snr`` (..., M): SNR per watt of the subchannels one sender may use (0 = not usable), in any
+    order; ``power_w`` (...,): each row's power budget.  This is the "forward" water-filling of the
+    module docstring; times W it is the largest rate (spec §3) those subchannels can carry.
+    """
+    snr = np.asarray(snr, dtype=float)
+    return _Rows(-np.sort(-snr, axis=-1)).max_rate(power_w)
 
 
 def rates(link: Link, owner, power) -> np.ndarray:

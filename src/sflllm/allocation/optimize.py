@@ -149,10 +149,8 @@ def build_problem(realised: Realised) -> Problem:
 def max_sum_rate_bps(link: Link) -> float:
     """An upper bound on sum_k R[k] for any assignment and powers: every subchannel at its best
     client's gain, min(Pth, sum_k Pmax[k]) water-filled over them."""
-    best_snr = -np.sort(-link.snr.max(axis=0))
     usable = min(link.p_th_w, float(link.p_max_w.sum()))
-    # A's forward water-filling (bit/s/Hz) over one row of descending snr.
-    return float(link_solver._Rows(best_snr[None, :]).max_rate(np.array([usable]))[0]) * link.bandwidth_hz
+    return float(link_solver.water_filling_rate(link.snr.max(axis=0), usable)) * link.bandwidth_hz
 
 
 def min_max_latency_bound(c: np.ndarray, data_bits: float, sum_rate_bps: float) -> np.ndarray:
