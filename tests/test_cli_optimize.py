@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,40 @@ def test_tables_by_default(scenario):
     for text in ("split layer l / rank r", "main server link", "federated server link", "random_subchannel",
                  "ratio to proposed"):
         assert text in result.output
+
+
+@pytest.mark.parametrize("clients, ms", [(5, 20), (2, 64)])
+def test_tables_fit_80_columns_without_cutting(tmp_path, clients, ms):
+    import io
+
+    from rich.console import Console
+
+    from sflllm.allocation.optimize import optimise
+    from sflllm.allocation.report import render
+    from sflllm.allocation.scenario import realise, scenario_from_mapping
+
+    outcome = optimise(realise(scenario_from_mapping(
+        {"clients": {"count": clients}, "network": {"ms_subchannels": ms, "fs_subchannels": 10},
+         "baselines": {"random_draws": 2}})))
+    stream = io.StringIO()
+    render(outcome, Console(file=stream, width=80, color_system=None))
+    text = stream.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    table = text.split("main server link: allocation")[1].split("main server link: delays")[0]
+    cells = " ".join(line.split("│")[3] for line in table.splitlines() if line.startswith("│"))
+    listed = set()
+    for a, b in re.findall(r"(\d+)(?:-(\d+))?", cells):  # every subchannel, alone or in a run a-b
+        listed.update(range(int(a), int(b or a) + 1))
+    assert listed == set(range(ms))
+
+
+def test_subchannel_lists_shorten_runs():
+    import numpy as np
+
+    from sflllm.allocation.report import _subchannels
+
+    owner = np.array([0, 0, 0, 1, 0, 1, 1])
+    assert (_subchannels(owner, 0), _subchannels(owner, 1)) == ("0-2, 4", "3, 5-6")
 
 
 def test_json_has_the_spec_keys(scenario):

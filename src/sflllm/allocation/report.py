@@ -70,7 +70,40 @@ def result_json(outcome: Outcome) -> dict[str, Any]:
 
 
 def _subchannels(owner: np.ndarray, client: int) -> str:
-    return ",".join(str(i) for i in np.flatnonzero(owner == client))
+    """The client's subchannel indices with runs shortened: ``0-3, 7, 9-10`` (wraps at the spaces)."""
+    runs: list[list[int]] = []
+    for i in np.flatnonzero(owner == client).tolist():
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _allocation_table(title: str, owner: np.ndarray, power_w: np.ndarray, rate_bps: np.ndarray, extra=(),
+                      caption: str | None = None):
+    """Per client: subchannel count and list (folded, never cut), power and rate; then ``extra`` columns.
+
+    ``extra`` is a sequence of (header, per-client strings).  Narrow headers so that the table fits 80
+    columns; the list column takes what is left and wraps.
+    """
+    from rich.table import Table
+
+    K = len(rate_bps)
+    power = np.bincount(owner, weights=power_w, minlength=K)
+    table = Table(title=title, caption=caption)
+    table.add_column("k", justify="right")
+    table.add_column("n", justify="right")
+    table.add_column("subchannels", overflow="fold", ratio=1)
+    table.add_column("P (W)", justify="right", no_wrap=True)
+    table.add_column("R (Mbit/s)", justify="right", no_wrap=True)
+    for header, _ in extra:
+        table.add_column(header, justify="right", no_wrap=True)
+    counts = np.bincount(owner, minlength=K)
+    for k in range(K):
+        table.add_row(str(k), str(counts[k]), _subchannels(owner, k), f"{power[k]:.4f}",
+                      f"{rate_bps[k] / 1e6:.2f}", *(values[k] for _, values in extra))
+    return table
 
 
 def render(outcome: Outcome, console) -> None:
@@ -104,26 +137,25 @@ def render(outcome: Outcome, console) -> None:
 
     c = outcome.problem.ms_fixed_latency(solution.pair_index)
     K = realised.num_clients
-    ms_power = np.bincount(solution.ms.owner, weights=solution.ms.power_w, minlength=K)
-    fs_power = np.bincount(solution.fs.owner, weights=solution.fs.power_w, minlength=K)
+    console.print(_allocation_table("main server link: allocation per client", solution.ms.owner,
+                                    solution.ms.power_w, solution.ms.rate_bps,
+                                    caption="n subchannels; P: their total power; R: rate"))
 
-    ms_table = Table(title=f"main server link, per client and local iteration (b = {training.batch_size})")
-    for name in ("k", "f TFLOP/s", "subchannels", "power W", "rate Mbit/s", "forward s", "upload s", "T_up s",
-                 "T_down s"):
-        ms_table.add_column(name, justify="left" if name == "subchannels" else "right")
+    delays = Table(title=f"main server link: delays (s) per local iteration (b = {training.batch_size})",
+                   caption="T_up = forward + upload; T_down = download + backward")
+    for name in ("k", "f (TFLOP/s)", "forward", "upload", "T_up", "T_down"):
+        delays.add_column(name, justify="right")
     for k in range(K):
-        ms_table.add_row(str(k), f"{realised.client_flops[k] / 1e12:.2f}", _subchannels(solution.ms.owner, k),
-                         f"{ms_power[k]:.4f}", f"{solution.ms.rate_bps[k] / 1e6:.2f}", f"{c[k]:.4f}",
-                         f"{delay.uplink_s[k] - c[k]:.4f}", f"{delay.uplink_s[k]:.4f}", f"{delay.downlink_s[k]:.4f}")
-    console.print(ms_table)
+        delays.add_row(str(k), f"{realised.client_flops[k] / 1e12:.2f}", f"{c[k]:.4f}",
+                       f"{delay.uplink_s[k] - c[k]:.4f}", f"{delay.uplink_s[k]:.4f}", f"{delay.downlink_s[k]:.4f}")
+    console.print(delays)
 
-    fs_table = Table(title="federated server link, per client and round (client adapter)")
-    for name in ("k", "subchannels", "power W", "rate Mbit/s", "upload s", "broadcast s"):
-        fs_table.add_column(name, justify="left" if name == "subchannels" else "right")
-    for k in range(K):
-        fs_table.add_row(str(k), _subchannels(solution.fs.owner, k), f"{fs_power[k]:.4f}",
-                         f"{solution.fs.rate_bps[k] / 1e6:.2f}", f"{delay.adapter_upload_s[k]:.4f}",
-                         f"{delay.adapter_broadcast_s[k]:.4f}")
+    fs_table = _allocation_table(
+        "federated server link: per client and round (client adapter)", solution.fs.owner, solution.fs.power_w,
+        solution.fs.rate_bps,
+        [("upload (s)", [f"{v:.4f}" for v in delay.adapter_upload_s]),
+         ("broadcast (s)", [f"{v:.4f}" for v in delay.adapter_broadcast_s])],
+        caption="upload: client to FS; broadcast: FS to client (downlink)")
     console.print(fs_table)
 
     comparison = Table(title="comparison (T_total; random baselines: mean over draws)")
