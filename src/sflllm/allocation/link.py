@@ -245,12 +245,18 @@ class _Rows:
 
 
 def _owned_rows(snr: np.ndarray, owner: np.ndarray) -> _Rows:
-    """Each client's owned snr, sorted descending, padded with zeros to the largest ownership."""
-    k = snr.shape[0]
-    mine = np.arange(k)[:, None] == owner[None, :]
-    width = int(np.bincount(owner, minlength=k).max())
-    owned = np.where(mine, snr, 0.0)
-    return _Rows(-np.sort(-owned, axis=1)[:, :width])
+    """Each client's owned snr, sorted descending, padded with zeros to the largest ownership.
+
+    Sorts the M owned values by (client, decreasing snr) and scatters them, rather than sorting K
+    masked rows of length M.
+    """
+    counts = np.bincount(owner, minlength=snr.shape[0])
+    own = snr[owner, np.arange(owner.size)]
+    order = np.lexsort((-own, owner))
+    rank = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)  # place within its row
+    rows = np.zeros((snr.shape[0], int(counts.max())))
+    rows[owner[order], rank] = own[order]
+    return _Rows(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,13 +282,17 @@ def rates(link: Link, owner, power) -> np.ndarray:
         raise ValueError(f"power must have shape {owner.shape} (one per subchannel), got {power.shape}")
     if not np.all(np.isfinite(power)) or np.any(power < 0):
         raise ValueError("power must be finite and non-negative")
-    m = owner.size
-    per_subchannel = link.bandwidth_hz * np.log2(1.0 + power * link.snr[owner, np.arange(m)])
+    return _rates(link, owner, power)
+
+
+def _rates(link: Link, owner: np.ndarray, power: np.ndarray) -> np.ndarray:
+    """:func:`rates` for inputs already checked (the solvers' own assignments and powers)."""
+    per_subchannel = link.bandwidth_hz * np.log2(1.0 + power * link.snr[owner, np.arange(owner.size)])
     return np.bincount(owner, weights=per_subchannel, minlength=link.num_clients)
 
 
 def _allocation(link: Link, owner: np.ndarray, power: np.ndarray, c: np.ndarray, data_bits: float) -> LinkAllocation:
-    rate = rates(link, owner, power)
+    rate = _rates(link, owner, power)
     with np.errstate(divide="ignore"):
         latency = c + data_bits / rate
     return LinkAllocation(
@@ -323,8 +333,11 @@ def power_control(link: Link, owner, c, D) -> LinkAllocation:
     Every client is given its minimum power for t*, so all latencies equal t* (up to rounding); the
     powers are then scaled down by a hair where rounding would exceed a budget.
     """
-    owner = _check_owner(link, owner)
-    c, data_bits = _check_demand(link, c, D)
+    return _power_control(link, _check_owner(link, owner), *_check_demand(link, c, D))
+
+
+def _power_control(link: Link, owner: np.ndarray, c: np.ndarray, data_bits: float) -> LinkAllocation:
+    """:func:`power_control` for inputs already checked (the solvers call it many times per instance)."""
     rows = _owned_rows(link.snr, owner)
     alone = c + data_bits / (link.bandwidth_hz * rows.max_rate(np.minimum(link.p_max_w, link.p_th_w)))
     t = float(alone.max())
@@ -480,13 +493,13 @@ def _uniform_covering(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
 
 def _alternate(link: Link, c: np.ndarray, data_bits: float) -> LinkAllocation:
     """Spec §5 steps 1-3: greedy, exact power control, re-run greedy with the solution's powers."""
-    best = power_control(link, greedy_assignment(link, c, data_bits), c, data_bits)
+    best = _power_control(link, greedy_assignment(link, c, data_bits), c, data_bits)
     for _ in range(MAX_ALTERNATION_PASSES):
         used = np.bincount(best.owner, weights=best.power_w, minlength=link.num_clients)
         owner = greedy_assignment(link, c, data_bits, budget_w=used)
         if np.array_equal(owner, best.owner):
             break
-        candidate = power_control(link, owner, c, data_bits)
+        candidate = _power_control(link, owner, c, data_bits)
         if candidate.value_s >= best.value_s * (1 - _REL_IMPROVEMENT):
             break
         best = candidate
@@ -653,7 +666,7 @@ def _local_search(
             trials.extend(changes[[n]] for n in singles)
         improved = best
         for trial in trials:
-            candidate = power_control(link, _apply(best.owner, trial), c, data_bits)
+            candidate = _power_control(link, _apply(best.owner, trial), c, data_bits)
             if candidate.value_s < improved.value_s:
                 improved = candidate
         if improved.value_s >= best.value_s * (1 - _REL_IMPROVEMENT):
@@ -686,7 +699,7 @@ def solve_link(link: Link, c, D) -> LinkAllocation:
     if n <= LOCAL_SEARCH_RESTART_MAX:
         rng = np.random.default_rng(0)
         for _ in range(LOCAL_SEARCH_RESTARTS):
-            start = power_control(link, random_assignment(rng, k, m), c, data_bits)
+            start = _power_control(link, random_assignment(rng, k, m).astype(np.intp), c, data_bits)
             candidate = _local_search(link, c, data_bits, start, passes)
             if candidate.value_s < best.value_s:
                 best = candidate
@@ -776,12 +789,12 @@ def solve_link_exact(link: Link, c, D, rel_tol: float = 1e-10) -> LinkAllocation
             f"test, above the limit {EXACT_MAX_WORK:.3g} (e.g. M <= 12 for K <= 4); use solve_link"
         )
     subsets = _subset_rows(link.snr)
-    best = power_control(link, greedy_assignment(link, c, data_bits), c, data_bits)
+    best = _power_control(link, greedy_assignment(link, c, data_bits), c, data_bits)
     while True:
         owner = _min_power_partition(link, subsets, c, data_bits, best.value_s * (1 - rel_tol))
         if owner is None:
             return best
-        candidate = power_control(link, owner, c, data_bits)
+        candidate = _power_control(link, owner, c, data_bits)
         if candidate.value_s >= best.value_s:  # rounding at the tolerance's edge: nothing better
             return best
         best = candidate
