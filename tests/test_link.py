@@ -309,6 +309,41 @@ def test_random_assignment_is_seeded_and_covers_every_client():
     assert sorted(random_assignment(np.random.default_rng(0), 20, 20).tolist()) == list(range(20))
 
 
+@pytest.mark.parametrize("K, M", [(50, 128), (5, 12), (3, 7), (1, 4), (8, 31)])
+def test_batched_redraw_is_the_plain_redraw_loop(K, M):
+    """random_assignment's batched rejection gives the spec's loop's draws and leaves the generator
+    in the same state (also when a spare 32-bit half is buffered before it)."""
+
+    def plain(rng):
+        while True:
+            owner = rng.integers(0, K, size=M)
+            if np.bincount(owner, minlength=K).min() > 0:
+                return owner
+
+    for seed in range(20):
+        ours, reference = np.random.default_rng(seed), np.random.default_rng(seed)
+        for i in range(4):
+            if i == 2:
+                ours.integers(5), reference.integers(5)  # an odd number of 32-bit halves so far
+            np.testing.assert_array_equal(random_assignment(ours, K, M), plain(reference))
+            assert ours.bit_generator.state == reference.bit_generator.state
+
+
+def test_pcg_state_model_matches_numpy_and_detects_rejections():
+    for draws, high in [(1, 7), (6, 50), (7, 50), (128, 2)]:
+        for spare in (False, True):
+            rng = np.random.default_rng(draws)
+            if spare:
+                rng.integers(3)
+            start = rng.bit_generator.state
+            rng.integers(0, high, size=draws)
+            assert L._pcg_after(rng.bit_generator, start, draws) == rng.bit_generator.state
+    rng = np.random.default_rng(0)  # a range of 3 * 2^30 rejects a quarter of the raw values
+    start = rng.bit_generator.state
+    rng.integers(0, 3 * 2**30, size=64)
+    assert L._pcg_after(rng.bit_generator, start, 64) != rng.bit_generator.state
+
+
 def test_covering_sampler_is_uniform():
     """The no-rejection sampler draws every covering assignment equally often (chi-square test)."""
     scipy_stats = pytest.importorskip("scipy.stats")

@@ -434,8 +434,9 @@ def greedy_assignment(link: Link, c, D, budget_w=None) -> np.ndarray:
 def random_assignment(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     """Uniform random owners, redrawn until every client owns a subchannel (spec §5 baselines).
 
-    Each draw is ``rng.integers(0, K, size=M)``.  When K is close to M almost no draw covers every
-    client (K = M = 20 succeeds with probability 2e-8, K = 50 and M = 64 with 1e-6), so when the
+    Each draw is ``rng.integers(0, K, size=M)`` (numpy is asked for many at once, giving the same
+    draws and generator state: :func:`_redraw_until_covering`).  When K is close to M almost no draw
+    covers every client (K = M = 20 succeeds with probability 2e-8, K = 50 and M = 64 with 1e-6), so when the
     chance is below 1e-3 an exact sequential sampler of the same distribution (uniform over the
     assignments that cover every client) is used instead; it needs no rejection.
     """
@@ -444,8 +445,59 @@ def random_assignment(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     if K > M:
         raise ValueError(f"random_assignment: K = {K} clients cannot each own one of M = {M} subchannels")
     K, M = int(K), int(M)
-    if _covering_counts(K, M)[M][K] / K**M < 1e-3:
+    chance = _covering_counts(K, M)[M][K] / K**M
+    if chance < 1e-3:
         return _uniform_covering(rng, K, M)
+    return _redraw_until_covering(rng, K, M, batch=min(int(2 / chance) + 1, 4096))
+
+
+def _covers(owners: np.ndarray, K: int) -> np.ndarray:
+    """Whether each row of an (n, M) array of owners gives every one of the K clients a subchannel."""
+    n = owners.shape[0]
+    counts = np.bincount((owners + K * np.arange(n)[:, None]).ravel(), minlength=n * K)
+    return counts.reshape(n, K).all(axis=1)
+
+
+def _pcg_after(bitgen, start: dict, halves: int) -> dict:
+    """The state of a PCG64 generator at ``start`` after ``halves`` 32-bit draws.
+
+    numpy's 32-bit draws take the low half of a 64-bit output and keep the high half (``uinteger``,
+    flagged by ``has_uint32``) for the next one.
+    """
+    if start["has_uint32"]:
+        halves -= 1
+    if halves == 0:
+        return {**start, "has_uint32": 0}
+    copy = type(bitgen)()
+    copy.state = start
+    copy.advance((halves + 1) // 2 - 1)
+    last = int(copy.random_raw())
+    return {**copy.state, "has_uint32": halves % 2, "uinteger": last >> 32}
+
+
+def _redraw_until_covering(rng: np.random.Generator, K: int, M: int, batch: int) -> np.ndarray:
+    """``rng.integers(0, K, size=M)`` redrawn until it covers every client: the same draws and the
+    same final generator state as that loop, with ``batch`` draws per numpy call.
+
+    numpy draws each integer below 2^32 from one 32-bit half of the generator's output stream (see
+    :func:`_pcg_after`), whatever the call boundaries, and takes one more half only when it rejects a
+    value (probability < K / 2^32).  So a call of ``batch`` rows that took exactly batch * M halves --
+    checked against the generator's state -- holds the loop's draws, and the loop stops after the
+    first covering row j, having taken (j + 1) * M halves.  Otherwise (a rejection, or a generator
+    other than PCG64) the plain loop runs from the same start.
+    """
+    bitgen = rng.bit_generator
+    if type(bitgen) in (np.random.PCG64, np.random.PCG64DXSM):
+        while True:
+            start = bitgen.state
+            owners = rng.integers(0, K, size=(batch, M))
+            if _pcg_after(bitgen, start, batch * M) != bitgen.state:
+                bitgen.state = start
+                break
+            covering = np.flatnonzero(_covers(owners, K))
+            if covering.size:
+                bitgen.state = _pcg_after(bitgen, start, (int(covering[0]) + 1) * M)
+                return owners[covering[0]]
     while True:
         owner = rng.integers(0, K, size=M)
         if np.bincount(owner, minlength=K).min() > 0:
