@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from sflllm.experiments.train import (
     METRICS_FILE,
     SERVER_ADAPTER_FILE,
     STATE_FILE,
+    intra_op_threads,
     resume_train,
     run_train,
 )
@@ -95,6 +97,17 @@ def test_offline_default_runs_end_to_end_without_any_hub(tmp_path, monkeypatch):
     assert client and all(".h.0." in name and "lora_" in name for name in client)
     assert server and not any(".h.0." in name for name in server)
     assert any(t.abs().sum() > 0 for name, t in client.items() if "lora_B" in name)  # trained, not the zero init
+
+
+def test_narrow_models_train_on_one_thread_unless_threads_is_given():
+    def model(hidden_size):
+        return SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size))
+
+    assert intra_op_threads(TrainConfig(), model(128)) == 1  # the demo model
+    assert intra_op_threads(TrainConfig(model="stories260K"), model(64)) == 1
+    assert intra_op_threads(TrainConfig(model="gpt2"), model(768)) is None  # torch's default
+    assert intra_op_threads(TrainConfig(model="gpt2", threads=3), model(768)) == 3
+    assert intra_op_threads(TrainConfig(threads=2), model(128)) == 2
 
 
 def test_flags_override_yaml_and_yaml_is_1_2(tmp_path):

@@ -55,7 +55,7 @@ def train(
     generate_samples: Annotated[int | None, typer.Option(help="Distinct held-out MRs to generate for.")] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beams for generation.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Longest generation in tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: 1 for the demo model, else torch's default).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: 1 for models of hidden size <= 256, else torch's default).")] = None,
     output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this output dir (e.g. with a larger --rounds).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,

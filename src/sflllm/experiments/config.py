@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
 
     # execution only (results do not depend on it)
     threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads; None: 1 for the built-in demo model, torch's default otherwise"
+        None, ge=1, description="torch intra-op threads; None: 1 for narrow models (hidden size <= 256), torch's default otherwise"
     )
 
     @field_validator("server_adapter")

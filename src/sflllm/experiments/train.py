@@ -363,14 +363,25 @@ def _load_resume_state(out: Path, run: _Run) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
-@contextmanager
-def torch_threads(config: TrainConfig) -> Iterator[None]:
-    """Run with ``config.threads`` torch intra-op threads (restored afterwards).
+SMALL_HIDDEN_SIZE = 256  # models this narrow (the demo's 128, stories260K's 64) train on one thread
 
-    Unset, the built-in demo model runs on one thread: its 128-wide matrices gain nothing from
-    more, and on 2 shared cores two threads made the offline demo 2-3x slower (measured).
+
+def intra_op_threads(config: TrainConfig, model: PreTrainedModel) -> int | None:
+    """``config.threads``, else 1 for narrow models (hidden size <= 256), else None (torch's default).
+
+    Narrow matrices gain nothing from a second intra-op thread, and on 2 shared cores two threads
+    made such runs 2-10x slower (measured: offline demo; stories260K 4-5 s vs 16-38 s per round of
+    120 samples; bench_sfl_speed d=256 55 vs 380 ms/sample median), while a GPT-2-small-wide model
+    (d=768) ran 1.6x faster on two.
     """
-    threads = config.threads or (1 if config.model is None else None)
+    if config.threads is not None:
+        return config.threads
+    return 1 if int(model.config.hidden_size) <= SMALL_HIDDEN_SIZE else None
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch intra-op threads (restored afterwards); None leaves torch's setting."""
     if threads is None:
         yield
         return
@@ -403,8 +414,8 @@ def run_train(
         raise TrainInputError(
             f"output {out} already exists and is not empty; continue it with --resume {out} or choose another --output"
         )
-    with torch_threads(config):
-        run = prepare(config)
+    run = prepare(config)
+    with torch_threads(intra_op_threads(config, run.split.full)):
         metrics = {
             "schema": METRICS_SCHEMA,
             "demo": config.is_demo,
@@ -439,8 +450,8 @@ def resume_train(
             f"(only {', '.join(sorted(RESUMABLE_FIELDS))} can)"
         )
     config = resolve_config(saved, overrides, source=f"resume {out}")
-    with torch_threads(config):
-        run = prepare(config)
+    run = prepare(config)
+    with torch_threads(intra_op_threads(config, run.split.full)):
         metrics = _load_resume_state(out, run)
         metrics["final"] = None
         done = len(metrics["rounds"])
