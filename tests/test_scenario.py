@@ -80,6 +80,19 @@ def test_yaml_12_numbers_and_string_keys(tmp_path):
     ("baselines: {fixed_split: 12}", "baselines.fixed_split"),
     ("baselines: {fixed_rank: 3}", "baselines.fixed_rank"),
     ("seed: -1", "seed"),
+    # wrong types are errors (spec §6): no bool -> int, float -> int, string -> number or int -> bool
+    ("clients: {count: true}", "clients.count"),
+    ("clients: {count: 5.0}", "clients.count"),
+    ("model: {seq_len: true}", "model.seq_len"),
+    ("seed: '3'", "seed"),
+    ("training: {ranks: ['1', 2]}", "training.ranks.0"),
+    ("network: {downlink: {enabled: 1}}", "network.downlink.enabled"),
+    ("network: {downlink: {enabled: yes}}", "network.downlink.enabled"),
+    ("server: {flops: true}", "server.flops"),
+    ("server: {flops: '1e13'}", "server.flops"),
+    ("training: {rounds_per_rank: {4: 7.0}}", "training.rounds_per_rank.4"),
+    ("training: {rounds_per_rank: {'4': 7, 4: 9}}", "training.rounds_per_rank"),
+    ("training: {rounds_per_rank: {4.0: 7}}", "training.rounds_per_rank"),
     ("[1, 2]", "scenario"),
 ])
 def test_errors_name_the_field(tmp_path, text, field):

@@ -30,9 +30,15 @@ class ScenarioError(ValueError):
     """A bad scenario; the message starts with the offending field (e.g. ``clients.count: ...``)."""
 
 
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+# Spec §6: wrong types are errors.  Fields are strict: an int field takes only ints (not True,
+# 5.0 or "3"), a bool field only true/false (not 1 or "yes"), a float field ints and floats (not
+# bools or strings; the YAML 1.2 loader already returns 2.0e12 as a number).  The one lax place is
+# training.rounds_per_rank's keys, which the spec allows as integers or strings.
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
 
 
 class _Section(BaseModel):
@@ -77,11 +83,11 @@ DEFAULT_ROUNDS_PER_RANK = {1: 80, 2: 60, 4: 48, 8: 42, 16: 45}
 class ModelSection(_Section):
     preset: str | None = "gpt2"
     hf_config: str | None = None
-    seq_len: Annotated[int, Field(gt=0)] = 512
+    seq_len: PositiveInt = 512
     lora_targets: list[str] | None = None
-    act_bits: Annotated[int, Field(gt=0)] = 32
-    token_bits: Annotated[int, Field(gt=0)] = 32
-    weight_bits: Annotated[int, Field(gt=0)] = 32
+    act_bits: PositiveInt = 32
+    token_bits: PositiveInt = 32
+    weight_bits: PositiveInt = 32
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -92,19 +98,41 @@ class ModelSection(_Section):
         return self
 
 
+def _rank_keys(rounds: dict) -> dict:
+    """rounds_per_rank with digit-string keys as ints (spec §6: keys may be integers or strings).
+
+    Any other key (4.0, true, "four") is an error, checked here because merging with the defaults
+    would hide it (4.0 == 4); so are two keys naming the same rank (``{"4": 7, 4: 9}``), rather
+    than one silently winning.
+    """
+    out: dict = {}
+    seen: dict = {}
+    for key, value in rounds.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            rank = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            rank = key
+        else:
+            raise ValueError(f"key {key!r} is not a rank (an integer, or a string of digits)")
+        if rank in seen:
+            raise ValueError(f"rank {rank} is given twice (keys {seen[rank]!r} and {key!r})")
+        seen[rank], out[rank] = key, value
+    return out
+
+
 class TrainingSection(_Section):
-    batch_size: Annotated[int, Field(gt=0)] = 8
-    local_steps: Annotated[int, Field(gt=0)] = 20
-    ranks: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [1, 2, 4, 8, 16]
+    batch_size: PositiveInt = 8
+    local_steps: PositiveInt = 20
+    ranks: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8, 16]
     # Merged with the defaults like every mapping (a file may override E(r) for some ranks only).
-    rounds_per_rank: dict[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] = DEFAULT_ROUNDS_PER_RANK
-    split_layers: list[int] | None = None  # range checked against L in realise()
-    min_client_layers: Annotated[int, Field(gt=0)] = 1
+    rounds_per_rank: dict[PositiveInt, PositiveInt] = DEFAULT_ROUNDS_PER_RANK
+    split_layers: list[Annotated[int, Field(strict=True)]] | None = None  # range checked against L in realise()
+    min_client_layers: PositiveInt = 1
 
     @field_validator("rounds_per_rank", mode="before")
     @classmethod
     def _merge_rounds(cls, value: Any) -> Any:
-        return {**DEFAULT_ROUNDS_PER_RANK, **value} if isinstance(value, dict) else value
+        return {**DEFAULT_ROUNDS_PER_RANK, **_rank_keys(value)} if isinstance(value, dict) else value
 
     @field_validator("ranks", "split_layers")
     @classmethod
@@ -115,7 +143,7 @@ class TrainingSection(_Section):
 
 
 class ClientsSection(_Section):
-    count: Annotated[int, Field(gt=0)] = 5
+    count: PositiveInt = 5
     flops: PerClient = Uniform(uniform=(2.0e12, 8.0e12))
     p_max_w: PerClientFixed = 0.2
     distance_ms_m: PerClient = Uniform(uniform=(50.0, 300.0))
@@ -133,15 +161,15 @@ class PathLossSection(_Section):
 
 
 class DownlinkSection(_Section):
-    enabled: bool = True
+    enabled: StrictBool = True
     bandwidth_hz: Positive = 2.0e7
     power_w: Positive = 10.0
 
 
 class NetworkSection(_Section):
-    ms_subchannels: Annotated[int, Field(gt=0)] = 20
+    ms_subchannels: PositiveInt = 20
     ms_subchannel_hz: Positive = 1.0e6
-    fs_subchannels: Annotated[int, Field(gt=0)] = 10
+    fs_subchannels: PositiveInt = 10
     fs_subchannel_hz: Positive = 1.0e6
     p_th_ms_w: Positive = 0.8
     p_th_fs_w: Positive = 0.8
@@ -159,15 +187,15 @@ class NetworkSection(_Section):
 
 
 class BaselinesSection(_Section):
-    fixed_split: Annotated[int, Field(gt=0)] | None = None
-    fixed_rank: Annotated[int, Field(gt=0)] | None = None
-    random_draws: Annotated[int, Field(gt=0)] = 20
+    fixed_split: PositiveInt | None = None
+    fixed_rank: PositiveInt | None = None
+    random_draws: PositiveInt = 20
 
 
 class Scenario(_Section):
     """Spec §6. Every field has its default; partial mappings are merged with their defaults."""
 
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, strict=True)] = 0
     model: ModelSection = ModelSection()
     training: TrainingSection = TrainingSection()
     clients: ClientsSection = ClientsSection()
