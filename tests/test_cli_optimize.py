@@ -93,6 +93,23 @@ def test_json_has_the_spec_keys(scenario):
     assert all(data["total_delay_s"] <= value for value in data["baselines"].values())
 
 
+@pytest.mark.parametrize("method", ["proposed", "exact", "random_subchannel", "equal_power", "fixed_split",
+                                    "fixed_rank", "random_all"])
+def test_json_breakdown_adds_up_to_total_for_every_method(scenario, method):
+    """Spec §8 for every method; a random baseline's delays are means over its draws (first draw shown)."""
+    result = _run("--scenario", scenario, "--json", "--method", method)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert sum(data["breakdown"].values()) == pytest.approx(data["total_delay_s"], rel=1e-9)
+    assert data["total_delay_s"] == data["baselines"].get(method, data["total_delay_s"])
+    if method.startswith("random_"):
+        assert data["draws"] == 3 and "draw_total_delay_s" in data
+    else:
+        assert data["total_delay_s"] == pytest.approx(
+            data["rounds"] * data["round_delay_s"], rel=1e-12)
+        assert "draws" not in data and "draw_total_delay_s" not in data
+
+
 def test_method_option_and_bad_method(scenario):
     result = _run("--scenario", scenario, "--json", "--method", "equal_power")
     assert result.exit_code == 0 and json.loads(result.stdout)["method"] == "equal_power"

@@ -135,6 +135,7 @@ def test_random_baselines_are_deterministic_and_mean_over_draws():
     second = optimise(_realised(seed=2), "random_all")
     assert first.baselines == second.baselines
     assert first.solution.total_delay_s == first.baselines["random_all"]
+    assert sum(first.solution.breakdown.values()) == pytest.approx(first.solution.total_delay_s, rel=1e-12)
 
 
 def test_exact_refuses_large_instances():
