@@ -167,4 +167,5 @@ def test_exact_on_a_large_instance_exits_2(tmp_path):
     path = tmp_path / "default.yaml"
     path.write_text("model: {preset: stories260k, seq_len: 64}\n")  # K = 5, M = 20: too many assignments
     result = _run("--scenario", path, "--method", "exact")
-    assert result.exit_code == 2 and result.output.startswith("error: --method exact: ")
+    assert result.exit_code == 2 and result.output.startswith("error: --method exact: network.ms_subchannels = 20")
+    assert "--method proposed" in result.output and "solve_link" not in result.output

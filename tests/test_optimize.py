@@ -138,10 +138,18 @@ def test_random_baselines_are_deterministic_and_mean_over_draws():
     assert sum(first.solution.breakdown.values()) == pytest.approx(first.solution.total_delay_s, rel=1e-12)
 
 
-def test_exact_refuses_large_instances():
+def test_exact_refuses_large_instances(monkeypatch):
     realised = _realised(count=5, ms=20, fs=10)
     with pytest.raises(MethodError, match="--method exact: .*K\\*3\\^M"):
         optimise(realised, "exact")
+    # the message names the field that is too large and points to the CLI's method, and the size is
+    # checked before "proposed" runs
+    monkeypatch.setattr(Optimiser, "proposed", lambda self: pytest.fail("proposed ran before the size check"))
+    with pytest.raises(MethodError, match="^--method exact: network.ms_subchannels = 20 with clients.count = 5 "
+                                          ".*use --method proposed$"):
+        optimise(realised, "exact")
+    with pytest.raises(MethodError, match="^--method exact: network.fs_subchannels = 14 "):
+        optimise(_realised(count=3, ms=6, fs=14), "exact")
 
 
 SCALES = st.floats(min_value=1.0, max_value=4.0)

@@ -43,6 +43,8 @@ __all__ = [
     "Link",
     "LinkAllocation",
     "equal_power",
+    "exact_size_ok",
+    "exact_work",
     "greedy_assignment",
     "power_control",
     "random_assignment",
@@ -78,6 +80,16 @@ _NEWTON_MAX_STEPS = 100  # power_control's Newton iteration converges in well un
 
 class InstanceTooLarge(ValueError):
     """The exact solver was asked for an instance too large to enumerate in reasonable time."""
+
+
+def exact_work(K: int, M: int) -> int:
+    """K * 3^M: the subset DP's work per feasibility test of :func:`solve_link_exact`."""
+    return K * 3**M
+
+
+def exact_size_ok(K: int, M: int) -> bool:
+    """Whether :func:`solve_link_exact` accepts K clients and M subchannels (work <= EXACT_MAX_WORK)."""
+    return exact_work(K, M) <= EXACT_MAX_WORK
 
 
 @dataclass(frozen=True, eq=False)
@@ -834,8 +846,8 @@ def solve_link_exact(link: Link, c, D, rel_tol: float = 1e-10) -> LinkAllocation
     """
     c, data_bits = _check_demand(link, c, D)
     k, m = link.gains.shape
-    work = k * 3**m
-    if work > EXACT_MAX_WORK:
+    if not exact_size_ok(k, m):
+        work = exact_work(k, m)
         raise InstanceTooLarge(
             f"solve_link_exact: K={k} clients and M={m} subchannels need K*3^M = {work:.3g} DP steps per "
             f"test, above the limit {EXACT_MAX_WORK:.3g} (e.g. M <= 12 for K <= 4); use solve_link"

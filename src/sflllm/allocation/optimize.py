@@ -370,6 +370,7 @@ class Optimiser:
     # ---- exact
     def exact(self) -> Solution:
         problem = self.problem
+        check_exact_size(problem)
         try:
             fs = link_solver.solve_link_exact(problem.fs_link, self._no_fixed_latency(), 1.0)
             search = PairSearch(
@@ -440,6 +441,19 @@ class Optimiser:
         return _mean_over_draws(subchannel), _mean_over_draws(everything)
 
 
+def check_exact_size(problem: Problem) -> None:
+    """Refuse ``--method exact`` on a link too large for the exact solver, naming the scenario fields."""
+    K = problem.realised.num_clients
+    for field_name, link in (("network.ms_subchannels", problem.ms_link), ("network.fs_subchannels", problem.fs_link)):
+        M = link.num_subchannels
+        if not link_solver.exact_size_ok(K, M):
+            raise MethodError(
+                f"--method exact: {field_name} = {M} with clients.count = {K} is too large to solve exactly "
+                f"(K*3^M = {link_solver.exact_work(K, M):.3g} steps per test, limit "
+                f"{link_solver.EXACT_MAX_WORK:.3g}: e.g. at most 12 subchannels for 4 clients, 10 for 37); "
+                "lower them or use --method proposed")
+
+
 def _equal_power_allocation(link: Link, owner: np.ndarray, c: np.ndarray, data_bits: float) -> LinkAllocation:
     """An assignment with the equal_power baseline's powers, and what it achieves."""
     power = link_solver.equal_power(link, owner)
@@ -466,6 +480,8 @@ def optimise(realised: Realised, method: str = "proposed") -> Outcome:
         return value
 
     problem = timed("build_problem", lambda: build_problem(realised))
+    if method == "exact":
+        check_exact_size(problem)  # before any work
     optimiser = Optimiser(problem)
     proposed = timed("proposed", optimiser.proposed)
     solutions = {"proposed": proposed}
