@@ -220,6 +220,39 @@ def test_bad_files_are_named_and_no_output_dir(tmp_path):
     assert not out.exists()
 
 
+def test_unknown_hub_model_is_one_clean_error_line(tmp_path, monkeypatch):
+    import logging
+
+    import transformers
+
+    def unreachable_hub(name, *args, **kwargs):  # what huggingface_hub does offline: log, then fail
+        logging.getLogger("huggingface_hub.utils._http").warning(f"'no network' thrown while requesting {name}")
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable_hub)
+    out = tmp_path / "out"
+    _assert_clean_error(_train("--model", "sflllm-test-org/no-such-model", "--output", str(out)),
+                        "model 'sflllm-test-org/no-such-model'", "cannot be loaded from the hub")
+    assert not out.exists()
+
+
+def test_eval_data_is_used_without_data(tmp_path):
+    """--eval-data with the synthetic training data: held-out loss and generation use the given file."""
+    held = tmp_path / "held.jsonl"
+    rows = [{"context": f"name[The Vaults], eatType[pub], area[{a}]", "completion": f"The Vaults is a pub in the {a}."}
+            for a in ("city centre", "riverside")]
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = TrainConfig(**TINY, rounds=1, eval_data=str(held), generate=True, max_new_tokens=4)
+    result = run_train(config, tmp_path / "out", progress=False)
+    assert result.metrics["demo"] is True
+    generated = [json.loads(line)["mr"] for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert generated == [r["context"] for r in rows]
+    missing = tmp_path / "missing.jsonl"
+    _assert_clean_error(_train(*TINY_FLAGS, "--eval-data", str(missing), "--output", str(tmp_path / "x")),
+                        "eval_data", "missing.jsonl")
+    assert not (tmp_path / "x").exists()
+
+
 def test_existing_output_is_never_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -160,17 +160,20 @@ def split_heldout_mrs(examples: Sequence[Example], fraction: float, seed: int) -
 
 
 def load_train_eval_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """Training pool and held-out pool. Synthetic data for the demo; held-out MRs when no eval_data."""
-    if config.data is None:
-        n_train = config.train_samples or DEMO_TRAIN_EXAMPLES
-        pool = synthetic_examples(n_train + config.eval_samples * 2, config.seed)
-        train, held = split_heldout_mrs(pool, HELDOUT_MR_FRACTION * 2, config.seed)
-    else:
+    """Training pool and held-out pool: ``data`` (synthetic without it) and ``eval_data`` (without it,
+    held-out MRs of the training pool)."""
+    n_demo = config.train_samples or DEMO_TRAIN_EXAMPLES
+    if config.data is not None:
         train = _load(config.data, "data")
         if config.eval_data is None:
             train, held = split_heldout_mrs(train, HELDOUT_MR_FRACTION, config.seed)
         else:
             held = _load(config.eval_data, "eval_data")
+    elif config.eval_data is not None:  # synthetic training data, the user's held-out set
+        train, held = synthetic_examples(n_demo, config.seed), _load(config.eval_data, "eval_data")
+    else:
+        pool = synthetic_examples(n_demo + config.eval_samples * 2, config.seed)
+        train, held = split_heldout_mrs(pool, HELDOUT_MR_FRACTION * 2, config.seed)
     if config.train_samples is not None and len(train) > config.train_samples:
         keep = np.sort(np.random.default_rng(config.seed).choice(len(train), config.train_samples, replace=False))
         train = [train[i] for i in keep]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +31,19 @@ def _looks_like_path(name_or_path: str) -> bool:
     )
 
 
+@contextmanager
+def _hub_warnings_silenced() -> Iterator[None]:
+    """Hide huggingface_hub's own warnings (e.g. a line per failed HTTP attempt when offline): a
+    failure reaches the caller once, as the ValueError below."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_pretrained(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM of a supported family and its tokenizer, in float32 and eval mode.
 
@@ -45,12 +61,20 @@ def load_pretrained(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedToken
         raise ValueError(f"model {name_or_path!r}: not an existing model directory")  # a path, not a hub id
     else:
         source = name_or_path  # a hub id
+    with _hub_warnings_silenced():
+        return _load_source(name_or_path, source)
+
+
+def _load_source(name_or_path: str, source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ValueError(
-            f"model {name_or_path!r}: not a local model directory and cannot be loaded from the hub ({err})"
-        ) from err
+        where = (
+            "this directory holds no readable model config.json"
+            if Path(source).is_dir()
+            else "not a local model directory and cannot be loaded from the hub"
+        )
+        raise ValueError(f"model {name_or_path!r}: {where} ({' '.join(str(err).split())})") from err
     try:
         family(config.model_type)
     except ValueError as err:
