@@ -172,6 +172,25 @@ def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path, m
         assert read_config_file(tmp_path / run / CONFIG_FILE) == read_config_file(tmp_path / "whole" / CONFIG_FILE)
 
 
+def test_run_stopped_in_its_first_round_resumes_from_scratch(tmp_path, monkeypatch):
+    config = TrainConfig(**TINY, rounds=1, lora_dropout=0.1)
+    whole = run_train(config, tmp_path / "whole", progress=False)
+
+    def killed(self, round_index, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Federation, "run_round", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "killed").iterdir()] == [CONFIG_FILE]
+    _assert_clean_error(_train("--output", str(tmp_path / "killed")), "already exists", "--resume")
+    result = _train("--resume", str(tmp_path / "killed"))
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((tmp_path / "killed" / METRICS_FILE).read_text())
+    assert _without_wall_times(resumed) == _without_wall_times(whole.metrics)
+
+
 def test_resume_api_refuses_to_change_the_trajectory(tmp_path):
     run_train(TrainConfig(**TINY, rounds=1), tmp_path / "run", progress=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}

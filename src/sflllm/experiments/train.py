@@ -395,6 +395,18 @@ def default_output_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+def _initial_metrics(run: _Run) -> dict[str, Any]:
+    """``metrics.json`` before the first round: the held-out loss of the untrained adapters."""
+    return {
+        "schema": METRICS_SCHEMA,
+        "demo": run.config.is_demo,
+        "mode": run.config.mode,
+        "initial": {"heldout_loss": heldout_loss(run.split.full, run.eval_tokens, run.config.batch_size)},
+        "rounds": [],
+        "final": None,
+    }
+
+
 def run_train(
     config: TrainConfig,
     output_dir: Path | None = None,
@@ -413,14 +425,7 @@ def run_train(
         )
     run = prepare(config)
     with torch_threads(intra_op_threads(config, run.split.full)):
-        metrics = {
-            "schema": METRICS_SCHEMA,
-            "demo": config.is_demo,
-            "mode": config.mode,
-            "initial": {"heldout_loss": heldout_loss(run.split.full, run.eval_tokens, config.batch_size)},
-            "rounds": [],
-            "final": None,
-        }
+        metrics = _initial_metrics(run)
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
         return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
@@ -435,7 +440,9 @@ def resume_train(
     file in ``output_dir`` is rewritten.
     """
     out = Path(output_dir)
-    if not (out / STATE_FILE).is_file():
+    # a run stopped during its first round has written only config.yaml: resuming starts it afresh
+    first_round = out.is_dir() and [p.name for p in out.iterdir()] == [CONFIG_FILE]
+    if not first_round and not (out / STATE_FILE).is_file():
         raise TrainInputError(f"resume: {out / STATE_FILE} not found; is {out} the output of `sflllm train`?")
     saved = read_config_file(out / CONFIG_FILE)
     saved_config = resolve_config(saved, {}, source=str(out / CONFIG_FILE))
@@ -449,7 +456,7 @@ def resume_train(
     config = resolve_config(saved, overrides, source=f"resume {out}")
     run = prepare(config)
     with torch_threads(intra_op_threads(config, run.split.full)):
-        metrics = _load_resume_state(out, run)
+        metrics = _initial_metrics(run) if first_round else _load_resume_state(out, run)
         metrics["final"] = None
         done = len(metrics["rounds"])
         if done >= config.rounds:
