@@ -154,37 +154,59 @@ def test_exact_refuses_large_instances(monkeypatch):
 
 SCALES = st.floats(min_value=1.0, max_value=4.0)
 
+# One resource at a time (issue 3: more bandwidth, power, client or server compute never increases the
+# optimal delay), plus the joint scalings: (section, field) paths into the scenario mapping.
+ONE_FACTOR = {
+    "ms_bandwidth": [("network", "ms_subchannel_hz")],
+    "fs_bandwidth": [("network", "fs_subchannel_hz")],
+    "p_max": [("clients", "p_max_w")],
+    "p_th_ms": [("network", "p_th_ms_w")],
+    "p_th_fs": [("network", "p_th_fs_w")],
+    "client_flops": [("clients", "flops")],
+    "server_flops": [("server", "flops")],
+    "downlink_bandwidth": [("network", "downlink", "bandwidth_hz")],
+    "downlink_power": [("network", "downlink", "power_w")],
+    "bandwidth": [("network", "ms_subchannel_hz"), ("network", "fs_subchannel_hz")],
+    "power": [("clients", "p_max_w"), ("network", "p_th_ms_w"), ("network", "p_th_fs_w")],
+}
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), which=st.sampled_from(["bandwidth", "power", "client", "server"]),
-       factor=SCALES)
-def test_optimal_delay_never_increases_with_more_resources(seed, which, factor):
+
+def _monotonicity_base(seed: int, K: int, M: int, N: int) -> dict:
     rng = np.random.default_rng(seed)
-    K, M, N = 2, 3, 2
-    base = {
+    return {
         "seed": seed, "model": {"preset": "stories260k", "seq_len": 64},
         "training": {"ranks": [1, 4], "local_steps": 3},
-        "clients": {"count": K, "flops": rng.uniform(1e9, 1e10, K).tolist(), "p_max_w": 0.2,
-                    "distance_ms_m": [100.0, 200.0], "distance_fs_m": [150.0, 250.0]},
+        "clients": {"count": K, "flops": rng.uniform(1e9, 1e10, K).tolist(),
+                    "p_max_w": rng.uniform(0.05, 0.3, K).tolist(),
+                    "distance_ms_m": rng.uniform(50, 300, K).tolist(), "distance_fs_m": rng.uniform(50, 300, K).tolist()},
         "server": {"flops": 1e11},
         "network": {"ms_subchannels": M, "fs_subchannels": N, "ms_subchannel_hz": 1e5, "fs_subchannel_hz": 1e5,
-                    "p_th_ms_w": 0.3, "p_th_fs_w": 0.3,
+                    "p_th_ms_w": float(rng.uniform(0.1, 0.6)), "p_th_fs_w": float(rng.uniform(0.1, 0.6)),
                     "gains_ms": rng.uniform(1e-12, 1e-10, (K, M)).tolist(),
-                    "gains_fs": rng.uniform(1e-12, 1e-10, (K, N)).tolist()},
+                    "gains_fs": rng.uniform(1e-12, 1e-10, (K, N)).tolist(),
+                    "downlink": {"bandwidth_hz": 1e6, "power_w": 1.0}},
     }
-    more = {key: {k: (dict(v) if isinstance(v, dict) else v) for k, v in value.items()} if isinstance(value, dict)
-            else value for key, value in base.items()}
-    if which == "bandwidth":
-        more["network"]["ms_subchannel_hz"] *= factor
-        more["network"]["fs_subchannel_hz"] *= factor
-    elif which == "power":
-        more["clients"]["p_max_w"] *= factor
-        more["network"]["p_th_ms_w"] *= factor
-        more["network"]["p_th_fs_w"] *= factor
-    elif which == "client":
-        more["clients"]["flops"] = [f * factor for f in base["clients"]["flops"]]
-    else:
-        more["server"]["flops"] *= factor
+
+
+def _scaled(data: dict, path: tuple[str, ...], factor: float) -> dict:
+    """A copy of ``data`` with the number (or list of numbers) at ``path`` multiplied by ``factor``."""
+    out = dict(data)
+    if len(path) == 1:
+        value = out[path[0]]
+        out[path[0]] = [v * factor for v in value] if isinstance(value, list) else value * factor
+        return out
+    out[path[0]] = _scaled(out[path[0]], path[1:], factor)
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), which=st.sampled_from(sorted(ONE_FACTOR)), factor=SCALES,
+       shape=st.sampled_from([(2, 3, 2), (2, 4, 3), (3, 5, 3), (3, 6, 4)]))
+def test_optimal_delay_never_increases_with_more_resources(seed, which, factor, shape):
+    base = _monotonicity_base(seed, *shape)
+    more = base
+    for path in ONE_FACTOR[which]:
+        more = _scaled(more, path, factor)
 
     def optimum(data):
         return Optimiser(build_problem(realise(scenario_from_mapping(data)))).exact().total_delay_s
