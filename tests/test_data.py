@@ -122,6 +122,21 @@ def test_hub_rows_mapping_for_both_hub_schemas():
         _hub_rows_to_examples(datasets.Dataset.from_dict({"mr": ["a"], "text": ["b"]}), "other")
 
 
+def test_unreachable_hub_dataset_is_one_error_without_hub_log_lines(monkeypatch, caplog):
+    import logging
+
+    def offline(name, split):  # what datasets/huggingface_hub do offline: log each retry, then fail
+        logging.getLogger("huggingface_hub.utils._http").warning("'no network' thrown while requesting HEAD")
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    level = logging.getLogger("huggingface_hub").level
+    with pytest.raises(ValueError, match=r"'e2e_nlg:test'.*Couldn't reach 'e2e_nlg'"):
+        load_examples("e2e_nlg:test")
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert logging.getLogger("huggingface_hub").level == level  # restored
+
+
 # ------------------------------------------------------------------------- synthetic generator
 
 

@@ -155,9 +155,12 @@ def _hub_rows_to_examples(rows, source: str) -> list[Example]:
 def _load_hub(source: str) -> list[Example]:  # pragma: no cover - needs the network
     import datasets
 
+    from sflllm.model.load import hub_warnings_silenced
+
     name, _, split = source.partition(":")
     try:
-        rows = datasets.load_dataset(name, split=split or "train")
+        with hub_warnings_silenced():  # one line per failed HTTP attempt otherwise; the error says it once
+            rows = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # noqa: BLE001 - datasets raises many types (offline, unknown name, ...)
         raise ValueError(
             f"could not load {source!r} as a local .csv/.jsonl file or a Hugging Face hub dataset: {e}"

@@ -32,9 +32,9 @@ def _looks_like_path(name_or_path: str) -> bool:
 
 
 @contextmanager
-def _hub_warnings_silenced() -> Iterator[None]:
+def hub_warnings_silenced() -> Iterator[None]:
     """Hide huggingface_hub's own warnings (e.g. a line per failed HTTP attempt when offline): a
-    failure reaches the caller once, as the ValueError below."""
+    failure reaches the caller once, as an exception."""
     logger = logging.getLogger("huggingface_hub")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -61,7 +61,7 @@ def load_pretrained(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedToken
         raise ValueError(f"model {name_or_path!r}: not an existing model directory")  # a path, not a hub id
     else:
         source = name_or_path  # a hub id
-    with _hub_warnings_silenced():
+    with hub_warnings_silenced():
         return _load_source(name_or_path, source)
 
 
