@@ -24,6 +24,7 @@ unpruned exhaustive search; results are cached per pair, so fixed_split and fixe
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -192,10 +193,9 @@ class PairSearch:
 
     def best(self, candidates: list[int]) -> int:
         terms = self.problem.terms
-        F_c = terms.numbers.F_c
         lower = self.lower_ms.copy()
         for i, alloc in self.cache.items():
-            self._raise_bounds(lower, F_c, i, alloc.value_s)
+            self._raise_bounds(lower, i, alloc.value_s)
         best_index, best_total = -1, np.inf
         remaining = list(candidates)
         while remaining:
@@ -211,15 +211,21 @@ class PairSearch:
             total = terms.total(i, value, self.fs_value[i])
             if total < best_total or (total == best_total and i < best_index):
                 best_index, best_total = i, total
-            self._raise_bounds(lower, F_c, i, value)
+            self._raise_bounds(lower, i, value)
         return best_index
 
-    def _raise_bounds(self, lower: np.ndarray, F_c: np.ndarray, i: int, value: float) -> None:
+    @functools.cached_property
+    def _seconds_per_flop(self) -> float:
+        """b / min_k f[k]: the largest c[k] per FLOP of F_c (the slowest client)."""
+        realised = self.problem.realised
+        return realised.scenario.training.batch_size / float(realised.client_flops.min())
+
+    def _raise_bounds(self, lower: np.ndarray, i: int, value: float) -> None:
         if self.monotone:
             # Exact value v(c) with c = F_c * b / f: non-decreasing in c, and lowering every c[k] by
             # at most delta lowers it by at most delta (spec §5's objective is max_k (c[k] + D/R[k])).
-            slowest = self.problem.realised.scenario.training.batch_size / self.problem.realised.client_flops.min()
-            shortfall = np.maximum(F_c[i] - F_c, 0.0) * slowest
+            F_c = self.problem.terms.numbers.F_c
+            shortfall = np.maximum(F_c[i] - F_c, 0.0) * self._seconds_per_flop
             lower[:] = np.maximum(lower, value - shortfall)
         lower[i] = value
 
@@ -313,6 +319,7 @@ class Optimiser:
         P = len(problem.terms.pairs)
         self.all_pairs = list(range(P))
         self._proposed_search: PairSearch | None = None
+        self._proposed_fs: LinkAllocation | None = None  # the FS allocation of "proposed" (set with the search)
         self._ms_bound: np.ndarray | None = None
 
     # ---- shared pieces

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 
 from sflllm.allocation.optimize import BASELINES, Outcome, Solution
-from sflllm.cost.profile import cost_numbers
 
 
 def plain(value: Any) -> Any:
@@ -25,13 +24,10 @@ def plain(value: Any) -> Any:
 
 def profile_table(outcome: Outcome) -> dict[str, dict[str, float]]:
     """Spec §8 "profile": {"l,r": {F_c, B_c, S, A, Y, G, Lam}} for every allowed pair."""
-    realised = outcome.problem.realised
-    model = realised.scenario.model
-    return {
-        f"{l},{r}": cost_numbers(realised.profile, l, r, seq_len=model.seq_len, act_bits=model.act_bits,
-                                 token_bits=model.token_bits, weight_bits=model.weight_bits).as_dict()
-        for l, r in realised.pairs
-    }
+    terms = outcome.problem.terms
+    fields = vars(terms.numbers)  # arrays over pairs, computed once by build_problem
+    return {f"{l},{r}": {key: float(values[i]) for key, values in fields.items()}
+            for i, (l, r) in enumerate(terms.pairs)}
 
 
 def result_json(outcome: Outcome) -> dict[str, Any]:
@@ -149,7 +145,7 @@ def render(outcome: Outcome, console) -> None:
     for name in ("k", "f (TFLOP/s)", "forward", "upload", "T_up", "T_down"):
         delays.add_column(name, justify="right")
     for k in range(K):
-        delays.add_row(str(k), f"{realised.client_flops[k] / 1e12:.2f}", f"{c[k]:.4f}",
+        delays.add_row(str(k), f"{realised.client_flops[k] / 1e12:.3g}", f"{c[k]:.4f}",
                        f"{delay.uplink_s[k] - c[k]:.4f}", f"{delay.uplink_s[k]:.4f}", f"{delay.downlink_s[k]:.4f}")
     console.print(delays)
 
