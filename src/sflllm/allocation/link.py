@@ -453,7 +453,9 @@ def random_assignment(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     draws and generator state: :func:`_redraw_until_covering`).  When K is close to M almost no draw
     covers every client (K = M = 20 succeeds with probability 2e-8, K = 50 and M = 64 with 1e-6), so when the
     chance is below 1e-3 an exact sequential sampler of the same distribution (uniform over the
-    assignments that cover every client) is used instead; it needs no rejection.
+    assignments that cover every client) is used instead; it needs no rejection.  (Reading of the
+    spec's "redrawn until every client owns one": the distribution is what it fixes; there the
+    draws themselves differ from the literal loop's, which would not finish in reasonable time.)
     """
     if not (isinstance(K, (int, np.integer)) and isinstance(M, (int, np.integer))) or K < 1 or M < 1:
         raise ValueError(f"random_assignment needs positive integers K and M, got K={K!r}, M={M!r}")

@@ -410,6 +410,14 @@ class Optimiser:
 
     # ---- random baselines (one generator, default_rng(seed + 1): random_subchannel's draws, then random_all's)
     def random_baselines(self) -> tuple[Solution, Solution]:
+        """random_subchannel and random_all (spec §5), each a mean over baselines.random_draws draws.
+
+        Draw order (the spec names the generator, not the order; this is the reading taken): one
+        ``default_rng(seed + 1)``; first every random_subchannel draw (MS assignment, then FS
+        assignment); then per random_all draw: MS assignment, FS assignment, l (uniform over the
+        allowed split layers), then r (uniform over the ranks allowed with that l).  Each assignment
+        is :func:`link_solver.random_assignment`.
+        """
         problem = self.problem
         realised = problem.realised
         rng = np.random.default_rng(realised.scenario.seed + 1)
