@@ -369,6 +369,7 @@ def test_real_pretrained_model_learns_e2e_and_scores_generations(tmp_path, stori
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "demo" not in result.output
+    assert "Loading weights" not in result.output  # --quiet hides transformers' bars too
     metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["demo"] is False
     assert metrics["final"]["heldout_loss"] < metrics["initial"]["heldout_loss"]

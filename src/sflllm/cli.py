@@ -58,7 +58,7 @@ def train(
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: 1 for models of hidden size <= 256, else torch's default).")] = None,
     output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this output dir (e.g. with a larger --rounds).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Fine-tune with split federated LoRA; writes metrics.json, config.yaml and safetensors checkpoints.
 
@@ -73,6 +73,12 @@ def train(
 
     if lora_targets is not None:
         flags["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    if quiet:  # also the weight-loading and download bars of transformers / huggingface_hub (process-wide)
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}", markup=False)
