@@ -437,7 +437,8 @@ def resume_train(
     """Continue the run in ``output_dir`` (e.g. with a larger ``rounds``) to the same result as an uninterrupted run.
 
     Only fields in ``RESUMABLE_FIELDS`` may be overridden. Every checkpoint is validated before any
-    file in ``output_dir`` is rewritten.
+    file in ``output_dir`` is rewritten. A run stopped before its first checkpoint (``DIR`` holds only
+    ``config.yaml``) starts again from round 1.
     """
     out = Path(output_dir)
     # a run stopped during its first round has written only config.yaml: resuming starts it afresh
