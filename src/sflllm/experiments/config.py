@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     local_steps: int = Field(6, ge=1)
     rounds: int = Field(6, ge=1)
     batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(96, ge=4)
+    seq_len: int = Field(104, ge=4)  # the longest synthetic demo example is 100 tokens
     lr: float = Field(1e-2, gt=0)  # suits the offline demo; pass a smaller --lr for pretrained models
     weight_decay: float = Field(0.0, ge=0)
     seed: int = Field(0, ge=0)
