@@ -2,7 +2,7 @@
 
 Sources: a local CSV with columns ``mr,ref`` (the official E2E files), a local JSONL with text
 ``{"context", "completion"}`` rows (the Split_LoRA "formatted" files), or a Hugging Face hub
-dataset (``"e2e_nlg"``, ``"GEM/e2e_nlg"``, optionally ``"name:split"``), plus a built-in synthetic
+dataset (``"tuetschek/e2e_nlg"`` (formerly ``"e2e_nlg"``), ``"GEM/e2e_nlg"``, optionally ``"name:split"``), plus a built-in synthetic
 E2E-style generator for offline demos and tests.
 """
 

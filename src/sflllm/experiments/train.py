@@ -82,7 +82,7 @@ METRICS_SCHEMA = "sflllm.train.metrics/1"
 DEMO_TRAIN_EXAMPLES = 384  # synthetic training pool of the offline demo (before train_samples)
 HELDOUT_MR_FRACTION = 0.1  # share of distinct MRs held out when no eval_data is given
 REAL_RUN_HINT = (
-    "for a real model run e.g. `sflllm train --model gpt2 --data e2e_nlg --eval-data e2e_nlg:test --lr 1e-3` "
+    "for a real model run e.g. `sflllm train --model gpt2 --data tuetschek/e2e_nlg --eval-data tuetschek/e2e_nlg:test --lr 1e-3` "
     "(online) or `sflllm train --model ../shared/data/models/stories260K/hf --data ../shared/data/e2e/devset.csv "
     "--eval-data ../shared/data/e2e/testset_w_refs.csv --seq-len 192 --lr 5e-3 --generate`"
 )
