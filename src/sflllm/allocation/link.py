@@ -43,6 +43,7 @@ __all__ = [
     "Link",
     "LinkAllocation",
     "equal_power",
+    "equal_power_allocation",
     "exact_size_ok",
     "exact_work",
     "greedy_assignment",
@@ -378,6 +379,13 @@ def equal_power(link: Link, owner) -> np.ndarray:
     counts = np.bincount(owner, minlength=link.num_clients)
     power = (link.p_max_w / counts)[owner]
     return _fit_budgets(link, owner, power)
+
+
+def equal_power_allocation(link: Link, owner, c, D) -> LinkAllocation:
+    """An assignment with the equal_power baseline's powers (:func:`equal_power`), and what it achieves."""
+    owner = _check_owner(link, owner)
+    c, data_bits = _check_demand(link, c, D)
+    return _allocation(link, owner, equal_power(link, owner), c, data_bits)
 
 
 def _client_bits_per_hz(negated_snr: list[float], budget_w: float) -> float:

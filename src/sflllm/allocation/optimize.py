@@ -397,7 +397,7 @@ class Optimiser:
 
         def fixed_power(link: Link, c: np.ndarray, data_bits: float) -> LinkAllocation:
             owner = link_solver.greedy_assignment(link, c, data_bits)  # spec §5 step 1
-            return _equal_power_allocation(link, owner, c, data_bits)
+            return link_solver.equal_power_allocation(link, owner, c, data_bits)
 
         fs = fixed_power(problem.fs_link, self._no_fixed_latency(), 1.0)
         search = PairSearch(problem=problem,
@@ -449,8 +449,9 @@ class Optimiser:
             ranks = [r for (pl, r) in problem.terms.pairs if pl == l]
             r = ranks[int(rng.integers(len(ranks)))]
             index = problem.terms.pairs.index((l, r))
-            ms = _equal_power_allocation(problem.ms_link, owner_ms, problem.ms_fixed_latency(index), problem.ms_bits)
-            fs = _equal_power_allocation(problem.fs_link, owner_fs, zeros, 1.0)
+            ms = link_solver.equal_power_allocation(problem.ms_link, owner_ms, problem.ms_fixed_latency(index),
+                                                    problem.ms_bits)
+            fs = link_solver.equal_power_allocation(problem.fs_link, owner_fs, zeros, 1.0)
             everything.append(_solution(problem, "random_all", index, ms, fs))
 
         return _mean_over_draws(subchannel), _mean_over_draws(everything)
@@ -467,15 +468,6 @@ def check_exact_size(problem: Problem) -> None:
                 f"(K*3^M = {link_solver.exact_work(K, M):.3g} steps per test, limit "
                 f"{link_solver.EXACT_MAX_WORK:.3g}: e.g. at most 12 subchannels for 4 clients, 10 for 37); "
                 "lower them or use --method proposed")
-
-
-def _equal_power_allocation(link: Link, owner: np.ndarray, c: np.ndarray, data_bits: float) -> LinkAllocation:
-    """An assignment with the equal_power baseline's powers, and what it achieves."""
-    power = link_solver.equal_power(link, owner)
-    rate = link_solver.rates(link, owner, power)
-    latency = c + data_bits / rate
-    return LinkAllocation(owner=np.asarray(owner), power_w=power, rate_bps=rate, latency_s=latency,
-                          value_s=float(latency.max()))
 
 
 def optimise(realised: Realised, method: str = "proposed") -> Outcome:
