@@ -331,6 +331,12 @@ class Optimiser:
             self._ms_bound = min_max_latency_bound(c, problem.ms_bits, max_sum_rate_bps(problem.ms_link))
         return self._ms_bound
 
+    def _search(self, evaluate: Callable[[int], LinkAllocation], fs: LinkAllocation, *,
+                monotone: bool) -> PairSearch:
+        """A pair search of ``evaluate`` with the sum-rate bound and the FS values of allocation ``fs``."""
+        return PairSearch(problem=self.problem, evaluate=evaluate, lower_ms=self._ms_lower_bound(),
+                          fs_value=self.problem.fs_value(slice(None), fs.value_s), monotone=monotone)
+
     def _no_fixed_latency(self) -> np.ndarray:
         """c = 0: the FS link's fixed latencies."""
         return np.zeros(self.problem.realised.num_clients)
@@ -341,12 +347,9 @@ class Optimiser:
             problem = self.problem
             fs = link_solver.solve_link(problem.fs_link, self._no_fixed_latency(), 1.0)
             self._proposed_fs = fs
-            self._proposed_search = PairSearch(
-                problem=problem,
-                evaluate=lambda i: link_solver.solve_link(problem.ms_link, problem.ms_fixed_latency(i),
-                                                          problem.ms_bits),
-                lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
-                monotone=False)
+            self._proposed_search = self._search(
+                lambda i: link_solver.solve_link(problem.ms_link, problem.ms_fixed_latency(i), problem.ms_bits),
+                fs, monotone=False)
         return self._proposed_search
 
     def _restricted(self, method: str, candidates: list[int]) -> Solution:
@@ -380,12 +383,10 @@ class Optimiser:
         check_exact_size(problem)
         try:
             fs = link_solver.solve_link_exact(problem.fs_link, self._no_fixed_latency(), 1.0)
-            search = PairSearch(
-                problem=problem,
-                evaluate=lambda i: link_solver.solve_link_exact(problem.ms_link, problem.ms_fixed_latency(i),
-                                                                problem.ms_bits),
-                lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
-                monotone=True)
+            search = self._search(
+                lambda i: link_solver.solve_link_exact(problem.ms_link, problem.ms_fixed_latency(i),
+                                                       problem.ms_bits),
+                fs, monotone=True)
             index = search.best(self.all_pairs)
         except link_solver.InstanceTooLarge as exc:
             raise MethodError(f"--method exact: {exc}") from None
@@ -400,11 +401,8 @@ class Optimiser:
             return link_solver.equal_power_allocation(link, owner, c, data_bits)
 
         fs = fixed_power(problem.fs_link, self._no_fixed_latency(), 1.0)
-        search = PairSearch(problem=problem,
-                            evaluate=lambda i: fixed_power(problem.ms_link, problem.ms_fixed_latency(i),
-                                                           problem.ms_bits),
-                            lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
-                            monotone=False)
+        search = self._search(lambda i: fixed_power(problem.ms_link, problem.ms_fixed_latency(i), problem.ms_bits),
+                              fs, monotone=False)
         index = search.best(self.all_pairs)
         return _solution(problem, "equal_power", index, search.cache[index], fs)
 
@@ -430,12 +428,10 @@ class Optimiser:
             owner_ms = link_solver.random_assignment(rng, K, M)  # per draw: MS, then FS assignment
             owner_fs = link_solver.random_assignment(rng, K, N)
             fs = link_solver.power_control(problem.fs_link, owner_fs, zeros, 1.0)
-            search = PairSearch(
-                problem=problem,
-                evaluate=lambda i, o=owner_ms: link_solver.power_control(problem.ms_link, o,
-                                                                         problem.ms_fixed_latency(i), problem.ms_bits),
-                lower_ms=self._ms_lower_bound(), fs_value=problem.fs_value(slice(None), fs.value_s),
-                monotone=True)
+            search = self._search(
+                lambda i, o=owner_ms: link_solver.power_control(problem.ms_link, o, problem.ms_fixed_latency(i),
+                                                                problem.ms_bits),
+                fs, monotone=True)
             index = search.best(self.all_pairs)
             subchannel.append(_solution(problem, "random_subchannel", index, search.cache[index], fs))
 
