@@ -27,6 +27,7 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sflllm.data import Example, eos_token_id, normalize_whitespace, pad_token_id, prompt_ids
+from sflllm.model import max_positions
 
 
 def group_references(examples: Sequence[Example]) -> tuple[list[str], list[list[str]]]:
@@ -35,11 +36,6 @@ def group_references(examples: Sequence[Example]) -> tuple[list[str], list[list[
     for example in examples:
         groups.setdefault(example.mr, []).append(example.ref)
     return list(groups), list(groups.values())
-
-
-def _generation_limit(model: PreTrainedModel) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 @torch.no_grad()
@@ -65,7 +61,7 @@ def generate_texts(
         return []
     eos, pad = eos_token_id(tokenizer), pad_token_id(tokenizer)
     prompts = prompt_ids(tokenizer, mrs)
-    limit = _generation_limit(model)
+    limit = max_positions(model)
     longest = max(len(p) for p in prompts)
     if limit is not None and longest + max_new_tokens > limit:
         raise ValueError(

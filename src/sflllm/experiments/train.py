@@ -67,6 +67,7 @@ from sflllm.model import (
     lm_loss_sum,
     load_pretrained,
     lora_parameters,
+    max_positions,
     split_model,
 )
 from sflllm.sfl import Federation, Hyper, make_federation
@@ -228,15 +229,15 @@ def prepare(config: TrainConfig) -> _Run:
     eval_examples = select_eval_examples(held, config.eval_samples, config.seed)
 
     generation_examples = first_mrs(held, config.generate_samples) if config.generate else []
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and config.seq_len > max_positions:
-        raise TrainInputError(f"seq_len: {config.seq_len} exceeds the model's {max_positions} positions")
-    if max_positions is not None and generation_examples:
+    positions = max_positions(model)
+    if positions is not None and config.seq_len > positions:
+        raise TrainInputError(f"seq_len: {config.seq_len} exceeds the model's {positions} positions")
+    if positions is not None and generation_examples:
         longest = max(len(p) for p in prompt_ids(tokenizer, sorted({e.mr for e in generation_examples})))
-        if longest + config.max_new_tokens > max_positions:
+        if longest + config.max_new_tokens > positions:
             raise TrainInputError(
                 f"max_new_tokens: longest prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) "
-                f"exceeds the model's {max_positions} positions"
+                f"exceeds the model's {positions} positions"
             )
     try:
         peft_model = attach_lora(

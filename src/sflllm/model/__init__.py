@@ -1,7 +1,7 @@
 """Split Hugging Face causal LMs, attach LoRA (peft), the offline demo model and the LM loss."""
 
 from sflllm.model.families import FAMILIES, default_lora_targets
-from sflllm.model.load import build_demo_model, load_pretrained
+from sflllm.model.load import build_demo_model, load_pretrained, max_positions
 from sflllm.model.lora import attach_lora, lora_parameters
 from sflllm.model.loss import IGNORE_INDEX, lm_loss, lm_loss_sum
 from sflllm.model.split import SplitModel, split_model
@@ -17,5 +17,6 @@ __all__ = [
     "lm_loss_sum",
     "load_pretrained",
     "lora_parameters",
+    "max_positions",
     "split_model",
 ]

@@ -150,3 +150,10 @@ def build_demo_model(
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     return model.eval()
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """How many token positions the model supports (``max_position_embeddings``, GPT-2's ``n_positions``),
+    or None when its config does not say."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
