@@ -15,8 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sflllm.data import build_demo_tokenizer, synthetic_examples, tokenize
 from sflllm.model import attach_lora, build_demo_model, lora_parameters, split_model
 from sflllm.sfl import Federation, Hyper, fedavg, make_federation
-from sflllm.sfl.client import Batch, Cursor, epoch_order, next_indices, to_cut
-from sflllm.sfl.main_server import check_cut, server_losses
+from sflllm.sfl.client import Batch, Cursor, epoch_order, next_indices
+from sflllm.sfl.main_server import received, server_losses
+from sflllm.sfl.messages import CutActivations, CutSpec, check_activations
 
 SEQ_LEN = 96
 
@@ -120,13 +121,13 @@ def test_fl_local_training_is_independent_centralized_training(examples, tokeniz
 def test_concatenated_server_batch_equals_per_client_passes(examples, tokenizer):
     data = client_data(examples, tokenizer, [4, 4, 4])
     split = tiny_split("llama", len(tokenizer), split_layer=2)
-    batches = [Batch(d.input_ids, d.attention_mask, d.labels) for d in data]
     with torch.no_grad():
-        acts = [to_cut(split.client(b.input_ids, b.attention_mask)) for b in batches]
+        cuts = [CutActivations(split.client(d.input_ids, d.attention_mask), d.attention_mask, d.labels) for d in data]
+    acts = received(cuts)
     server_lora = lora_parameters(split.server)
-    together = server_losses(split.server, server_lora, acts, batches)
+    together = server_losses(split.server, server_lora, acts, cuts)
     grads_together = torch.autograd.grad(torch.stack(together).sum(), acts)
-    apart = [server_losses(split.server, server_lora, [a], [b])[0] for a, b in zip(acts, batches)]
+    apart = [server_losses(split.server, server_lora, [a], [c])[0] for a, c in zip(acts, cuts)]
     torch.testing.assert_close(torch.stack(together), torch.stack(apart), atol=1e-6, rtol=0)
     for k, (loss, act) in enumerate(zip(apart, acts)):  # client k gets the gradient of its own loss
         (own,) = torch.autograd.grad(loss, act)
@@ -362,13 +363,3 @@ def test_make_federation_rejects_bad_client_data(examples, tokenizer):
         make_federation(no_lora, [tokenize(examples[:4], tokenizer, SEQ_LEN)], Hyper())
 
 
-def test_cut_rejects_wrong_activations(examples, tokenizer):
-    data = client_data(examples, tokenizer, [3])[0]
-    batch = Batch(data.input_ids, data.attention_mask, data.labels)
-    good = to_cut(torch.zeros(3, SEQ_LEN, 32))
-    assert good.is_leaf and good.requires_grad
-    check_cut([good], [batch], 32, torch.float32)
-    with pytest.raises(ValueError, match="client 0: activations at the cut"):
-        check_cut([torch.zeros(3, SEQ_LEN, 16)], [batch], 32, torch.float32)
-    with pytest.raises(ValueError, match="float64"):
-        check_cut([torch.zeros(3, SEQ_LEN, 32, dtype=torch.float64)], [batch], 32, torch.float32)

@@ -1,9 +1,49 @@
 """The split federated LoRA protocol (spec §1): clients, main server, federated server, round loop.
 
 Modes ``sfl`` (the protocol), ``centralized``, ``fl`` and ``sl`` (baselines) share one frozen model.
+The protocol's steps (:mod:`sflllm.sfl.protocol`) exchange only the typed cut payloads of
+:mod:`sflllm.sfl.messages`, so any runtime (in-process, Flower) can drive them.
 """
 
-from sflllm.sfl.federated_server import fedavg
-from sflllm.sfl.federation import Federation, Hyper, make_federation
+from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.client import Batch, ClientState, Cursor
+from sflllm.sfl.federated_server import aggregate_and_broadcast, fedavg
+from sflllm.sfl.federation import LOCAL_ITERATIONS, Federation, Hyper, make_federation
+from sflllm.sfl.messages import CutActivations, CutGradients, CutSpec, check_activations, check_gradients
+from sflllm.sfl.protocol import (
+    PendingBackward,
+    client_step_backward,
+    client_step_forward,
+    full_model_step,
+    main_server_step,
+    recompute_forward,
+    split_iteration,
+)
+from sflllm.sfl.rng import PartyRng, party_seed
 
-__all__ = ["Federation", "Hyper", "fedavg", "make_federation"]
+__all__ = [
+    "LOCAL_ITERATIONS",
+    "Adapter",
+    "Batch",
+    "ClientState",
+    "Cursor",
+    "CutActivations",
+    "CutGradients",
+    "CutSpec",
+    "Federation",
+    "Hyper",
+    "PartyRng",
+    "PendingBackward",
+    "aggregate_and_broadcast",
+    "check_activations",
+    "check_gradients",
+    "client_step_backward",
+    "client_step_forward",
+    "fedavg",
+    "full_model_step",
+    "main_server_step",
+    "make_federation",
+    "party_seed",
+    "recompute_forward",
+    "split_iteration",
+]

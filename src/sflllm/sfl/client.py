@@ -1,9 +1,11 @@
 """A client of split federated learning (spec §1): its data stream and its half of an iteration.
 
 A client runs the embeddings and blocks ``1..split_layer`` with its own LoRA tensors, sends the
-cut-layer activations (detached: what a network would carry) and its labels to the main server,
-and later back-propagates the activation gradient the main server returns.  Its data order is a
-pure function of ``(seed, client, epoch)``, so the cursor ``(epoch, position)`` is its only data state.
+cut-layer activations (detached: what a network would carry), attention mask and labels to the
+main server, and later back-propagates the activation gradient the main server returns
+(:mod:`sflllm.sfl.protocol` composes these steps).  Its data order is a pure function of
+``(seed, client, epoch)``, so the cursor ``(epoch, position)`` is its only data state; its dropout
+draws from its own random stream (:class:`~sflllm.sfl.rng.PartyRng`, seeded from ``(seed, "client.k")``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.func import functional_call
 
 from sflllm.data import TokenizedExamples
 from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.rng import PartyRng
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def next_indices(
 
 
 class ClientState:
-    """What one simulated client holds: its adapter (LoRA tensors + AdamW) and its data cursor.
+    """What one client holds: its adapter (LoRA tensors + AdamW), its data cursor and its random stream.
 
     ``data`` is the client's ``TokenizedExamples`` (``input_ids``/``attention_mask``/``labels``,
     shape (D_k, s)); it is shared, read-only, with the caller.
@@ -81,37 +84,26 @@ class ClientState:
         self._seed = seed
         self._batch_size = batch_size
         self._data = data
+        self.rng = PartyRng(seed, f"client.{index}")
 
     @property
     def num_examples(self) -> int:
         """D_k, the client's local data size (its FedAvg weight)."""
         return len(self._data)
 
-    def next_batch(self) -> Batch:
-        rows, self.cursor = next_indices(
-            self.num_examples, self._batch_size, self._seed, self.index, self.cursor
-        )
+    def batch_at(self, cursor: Cursor) -> tuple[Batch, Cursor]:
+        """The batch that starts at ``cursor``, and the cursor after it."""
+        rows, after = next_indices(self.num_examples, self._batch_size, self._seed, self.index, cursor)
         index = torch.from_numpy(rows)
         data = self._data
-        return Batch(data.input_ids[index], data.attention_mask[index], data.labels[index])
+        return Batch(data.input_ids[index], data.attention_mask[index], data.labels[index]), after
+
+    def next_batch(self) -> Batch:
+        """The batch at the cursor; advances the cursor."""
+        batch, self.cursor = self.batch_at(self.cursor)
+        return batch
 
 
 def client_forward(client_module: torch.nn.Module, lora: dict[str, Tensor], batch: Batch) -> Tensor:
     """Embeddings + blocks 1..split_layer with this client's LoRA tensors: hidden (b, s, d), graph kept."""
     return functional_call(client_module, lora, (batch.input_ids, batch.attention_mask))
-
-
-def to_cut(hidden: Tensor) -> Tensor:
-    """What crosses the network: the activations as a detached leaf that will collect their gradient."""
-    return hidden.detach().requires_grad_(True)
-
-
-def client_backward(hidden: Tensor, activation_grad: Tensor, adapter: Adapter) -> None:
-    """Back-propagate the main server's activation gradient through the kept graph; step AdamW."""
-    if activation_grad.shape != hidden.shape or activation_grad.dtype != hidden.dtype:
-        raise ValueError(
-            f"activation gradient from the main server has shape {tuple(activation_grad.shape)} "
-            f"{activation_grad.dtype}, expected {tuple(hidden.shape)} {hidden.dtype}"
-        )
-    hidden.backward(activation_grad)
-    adapter.step()

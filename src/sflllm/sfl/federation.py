@@ -14,6 +14,8 @@ Modes (all on the same split model, data and seed; every mode processes ``K * I 
   the adapter, together with its AdamW moments, to the next client.  The relay carries the
   optimizer state so that SL is plain sequential training over the clients' batches.
 
+Each party draws its dropout masks from its own random stream seeded from ``(seed, party)``
+(:mod:`sflllm.sfl.rng`), so the result does not depend on the order in which clients run.
 Optimizers are AdamW per party (per client adapter, per server adapter); no gradient clipping
 (global clipping would couple the parties and break the K=1 equivalence with centralized).
 Client AdamW moments are local and are not averaged by FedAvg.
@@ -29,14 +31,15 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from sflllm.data import TokenizedExamples
-from sflllm.model import SplitModel, lm_loss, lora_parameters
+from sflllm.model import SplitModel, lora_parameters
 from sflllm.sfl.adapter import Adapter
-from sflllm.sfl.client import Batch, ClientState, Cursor, client_backward, client_forward, to_cut
+from sflllm.sfl.client import ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast
-from sflllm.sfl.main_server import check_cut, serve_per_client, serve_shared
+from sflllm.sfl.messages import CutSpec
+from sflllm.sfl.protocol import full_model_step, split_iteration
+from sflllm.sfl.rng import PartyRng
 
 Mode = Literal["sfl", "centralized", "fl", "sl"]
 MODES = ("sfl", "centralized", "fl", "sl")
@@ -146,9 +149,14 @@ class Federation:
             self.clients = [client(k, d, adapter(client_init), hyper.batch_size) for k, d in enumerate(client_data)]
         per_client_server = mode == "fl" or hyper.server_adapter == "per_client"
         self.servers = [adapter(server_init) for _ in range(K if per_client_server else 1)]
-        self._rng_state = torch.Generator().manual_seed(hyper.seed).get_state()
-        self._hidden_size = int(split.full.config.hidden_size)
-        self._dtype = split.full.dtype  # the base model's dtype: what the client blocks emit
+        self.server_rng = PartyRng(hyper.seed, "main_server")
+        self.cut_spec = CutSpec(
+            hidden_size=int(split.full.config.hidden_size),
+            dtype=split.full.dtype,  # the base model's dtype: what the client blocks emit
+            vocab_size=int(split.full.config.vocab_size),
+            batch_size=hyper.batch_size,
+            seq_len=int(client_data[0].input_ids.shape[1]),
+        )
 
     # ---------------------------------------------------------------- parties
     @property
@@ -160,6 +168,11 @@ class Federation:
     def data_sizes(self) -> list[int]:
         """D_k of each client (FedAvg weights)."""
         return [c.num_examples for c in self.clients]
+
+    def full_model_lora(self, client: Adapter, server: Adapter) -> dict[str, Tensor]:
+        """A client and a server adapter's tensors under the names of ``split.full``'s LoRA parameters."""
+        lora = {self._client_full_names[n]: t for n, t in client.tensors.items()}
+        return lora | {self._server_full_names[n]: t for n, t in server.tensors.items()}
 
     # ---------------------------------------------------------------- a round
     def run_round(self, round_index: int, progress: Progress | None = None) -> dict:
@@ -182,65 +195,16 @@ class Federation:
     def local_iterations(self, progress: Progress | None = None) -> list[float]:
         """The training part of a round, without aggregation; returns every batch loss of the round.
 
-        Runs with the federation's own torch RNG stream (used by dropout), in train mode; the
-        caller's RNG state and the model's train/eval mode are restored afterwards.
+        Runs in train mode, every party on its own random stream; the caller's RNG state and the
+        model's train/eval mode are restored afterwards.
         """
         modes = [(module, module.training) for module in self.split.full.modules()]
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self._rng_state)
-            self.split.full.train()
-            try:
-                losses = self._train(progress)
-            finally:
-                for module, training in modes:
-                    module.training = training
-                self._rng_state = torch.get_rng_state()
-        return losses
-
-    def _train(self, progress: Progress | None) -> list[float]:
-        mode, steps = self.hyper.mode, self.hyper.local_steps
-        losses: list[float] = []
-        if mode == "sl":
-            total = steps * self.num_clients
-            for k, client in enumerate(self.clients):
-                for i in range(steps):
-                    losses += self._split_iteration([client], self.servers)
-                    _report(progress, k * steps + i + 1, total)
-            return losses
-        for i in range(steps):
-            if mode == "sfl":
-                losses += self._split_iteration(self.clients, self.servers)
-            else:  # centralized (one pooled client) and fl: the whole model, no cut
-                losses += [self._full_step(c, self.servers[k]) for k, c in enumerate(self.clients)]
-            _report(progress, i + 1, steps)
-        return losses
-
-    def _split_iteration(self, clients: list[ClientState], servers: list[Adapter]) -> list[float]:
-        """One synchronous local iteration over the cut (spec §1): forward, MS step, backward."""
-        batches = [c.next_batch() for c in clients]
-        hidden = [client_forward(self.split.client, c.adapter.tensors, b) for c, b in zip(clients, batches)]
-        sent = [to_cut(h) for h in hidden]
-        check_cut(sent, batches, self._hidden_size, self._dtype)
-        if len(servers) == 1:
-            losses, grads = serve_shared(self.split.server, servers[0], sent, batches)
-        else:
-            losses, grads = serve_per_client(self.split.server, servers, sent, batches)
-        for client, h, g in zip(clients, hidden, grads, strict=True):
-            client_backward(h, g, client.adapter)
-        return losses
-
-    def _full_step(self, client: ClientState, server: Adapter) -> float:
-        """One AdamW step of the whole model (client + server adapter) on the client's next batch."""
-        batch: Batch = client.next_batch()
-        lora = {self._client_full_names[n]: t for n, t in client.adapter.tensors.items()}
-        lora |= {self._server_full_names[n]: t for n, t in server.tensors.items()}
-        out = functional_call(self.split.full, lora, (),
-                              {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
-        loss = lm_loss(out.logits, batch.labels)
-        loss.backward()
-        client.adapter.step()
-        server.step()
-        return loss.item()
+        self.split.full.train()
+        try:
+            return LOCAL_ITERATIONS[self.hyper.mode](self, progress)
+        finally:
+            for module, training in modes:
+                module.training = training
 
     def aggregate(self) -> None:
         """Federated server: FedAvg (weights D_k) of the client adapters, and of the server adapters
@@ -273,11 +237,12 @@ class Federation:
 
     def state_dict(self) -> dict[str, Tensor]:
         """Everything needed to resume bit-identically, as a flat dict of tensors (safetensors-safe):
-        adapters, AdamW moments and step counts, data cursors ``(epoch, position)`` and the torch RNG state."""
+        adapters, AdamW moments and step counts, data cursors ``(epoch, position)`` and every party's RNG state."""
         state = {name: t.detach().clone() for name, t in self._live_state().items()}
         for k, client in enumerate(self.clients):
             state[f"cursor.{k}"] = torch.tensor([client.cursor.epoch, client.cursor.position], dtype=torch.int64)
-        state["rng.torch"] = self._rng_state.clone()
+            state[f"rng.client.{k}"] = client.rng.state.clone()
+        state["rng.main_server"] = self.server_rng.state.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -306,7 +271,50 @@ class Federation:
         for k, client in enumerate(self.clients):
             epoch, position = (int(v) for v in state[f"cursor.{k}"])
             client.cursor = Cursor(epoch, position)
-        self._rng_state = state["rng.torch"].clone()
+            client.rng.state = state[f"rng.client.{k}"].clone()
+        self.server_rng.state = state["rng.main_server"].clone()
+
+
+# ---------------------------------------------------------------- one round's local iterations, per mode
+def sfl_local_iterations(fed: Federation, progress: Progress | None) -> list[float]:
+    """sfl: I synchronous split iterations of all K clients with the main server."""
+    losses: list[float] = []
+    for i in range(fed.hyper.local_steps):
+        losses += split_iteration(fed.split.client, fed.split.server, fed.clients, fed.servers,
+                                  fed.server_rng, fed.cut_spec)
+        _report(progress, i + 1, fed.hyper.local_steps)
+    return losses
+
+
+def sl_local_iterations(fed: Federation, progress: Progress | None) -> list[float]:
+    """sl: clients 0..K-1 in turn, each I split iterations with the relayed client adapter."""
+    steps, losses = fed.hyper.local_steps, []
+    for k, client in enumerate(fed.clients):
+        for i in range(steps):
+            losses += split_iteration(fed.split.client, fed.split.server, [client], fed.servers,
+                                      fed.server_rng, fed.cut_spec)
+            _report(progress, k * steps + i + 1, steps * fed.num_clients)
+    return losses
+
+
+def full_model_local_iterations(fed: Federation, progress: Progress | None) -> list[float]:
+    """centralized (one pooled client) and fl: I whole-model steps per client, no cut."""
+    losses: list[float] = []
+    for i in range(fed.hyper.local_steps):
+        for client, server in zip(fed.clients, fed.servers, strict=True):
+            lora = fed.full_model_lora(client.adapter, server)
+            losses.append(full_model_step(fed.split.full, client, lora, [client.adapter, server]))
+        _report(progress, i + 1, fed.hyper.local_steps)
+    return losses
+
+
+LOCAL_ITERATIONS: dict[str, Callable[[Federation, Progress | None], list[float]]] = {
+    "sfl": sfl_local_iterations,
+    "sl": sl_local_iterations,
+    "centralized": full_model_local_iterations,
+    "fl": full_model_local_iterations,
+}
+"""The training part of one round, per mode: one interface, one function per mode."""
 
 
 def _report(progress: Progress | None, done: int, total: int) -> None:
@@ -322,4 +330,4 @@ def make_federation(split: SplitModel, client_data: list[TokenizedExamples], hyp
     return Federation(split, client_data, hyper)
 
 
-__all__ = ["Federation", "Hyper", "make_federation"]
+__all__ = ["LOCAL_ITERATIONS", "Federation", "Hyper", "make_federation"]

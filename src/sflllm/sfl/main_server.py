@@ -22,43 +22,40 @@ from torch.func import functional_call
 
 from sflllm.model import lm_loss
 from sflllm.sfl.adapter import Adapter
-from sflllm.sfl.client import Batch
+from sflllm.sfl.messages import CutActivations
 
 
-def check_cut(activations: Sequence[Tensor], batches: Sequence[Batch], hidden_size: int, dtype: torch.dtype) -> None:
-    """Validate what arrived over the uplink: client k's activations are (b_k, s_k, d) of the model dtype."""
-    for k, (act, batch) in enumerate(zip(activations, batches, strict=True)):
-        expected = (*batch.labels.shape, hidden_size)
-        if tuple(act.shape) != expected or act.dtype != dtype:
-            raise ValueError(
-                f"client {k}: activations at the cut have shape {tuple(act.shape)} {act.dtype}, "
-                f"expected {expected} {dtype}"
-            )
+def received(cuts: Sequence[CutActivations]) -> list[Tensor]:
+    """The activations as the MS holds them: detached leaves that will collect their gradients."""
+    return [cut.hidden.detach().requires_grad_(True) for cut in cuts]
 
 
 def server_losses(server_module: torch.nn.Module, lora: dict[str, Tensor], activations: Sequence[Tensor],
-                  batches: Sequence[Batch]) -> list[Tensor]:
+                  cuts: Sequence[CutActivations]) -> list[Tensor]:
     """Each client's loss through one server adapter, the K batches run as one concatenated batch.
 
-    Sequences do not interact in a causal LM, so this equals K separate server passes up to float
-    rounding (tested); it is what makes the MS as fast per sample as centralized training.
+    ``activations[k]`` is client k's hidden (as :func:`received` gives it), ``cuts[k]`` its payload
+    (attention mask and labels).  Sequences do not interact in a causal LM, so this equals K separate
+    server passes up to float rounding (tested); it is what makes the MS as fast per sample as
+    centralized training.
     """
     hidden = torch.cat(list(activations)) if len(activations) > 1 else activations[0]
-    mask = torch.cat([b.attention_mask for b in batches]) if len(batches) > 1 else batches[0].attention_mask
+    mask = torch.cat([c.attention_mask for c in cuts]) if len(cuts) > 1 else cuts[0].attention_mask
     logits = functional_call(server_module, lora, (hidden, mask))
-    sizes = [len(b) for b in batches]
-    return [lm_loss(part, b.labels) for part, b in zip(torch.split(logits, sizes), batches, strict=True)]
+    sizes = [len(c) for c in cuts]
+    return [lm_loss(part, c.labels) for part, c in zip(torch.split(logits, sizes), cuts, strict=True)]
 
 
-def serve_shared(server_module: torch.nn.Module, adapter: Adapter, activations: Sequence[Tensor],
-                 batches: Sequence[Batch]) -> tuple[list[float], list[Tensor]]:
+def serve_shared(server_module: torch.nn.Module, adapter: Adapter,
+                 cuts: Sequence[CutActivations]) -> tuple[list[float], list[Tensor]]:
     """One MS iteration with the single shared server adapter.
 
     Returns the K losses and the K activation gradients d loss_k / d activations_k.  The adapter
     takes one AdamW step on d (1/K sum_k loss_k) / d W_server.
     """
     names = list(adapter.tensors)
-    losses = server_losses(server_module, adapter.tensors, activations, batches)
+    activations = received(cuts)
+    losses = server_losses(server_module, adapter.tensors, activations, cuts)
     grads = torch.autograd.grad(
         torch.stack(losses).sum(), [*activations, *adapter.tensors.values()]
     )
@@ -68,13 +65,14 @@ def serve_shared(server_module: torch.nn.Module, adapter: Adapter, activations: 
     return [loss.item() for loss in losses], list(grads[:num_clients])
 
 
-def serve_per_client(server_module: torch.nn.Module, adapters: Sequence[Adapter], activations: Sequence[Tensor],
-                     batches: Sequence[Batch]) -> tuple[list[float], list[Tensor]]:
+def serve_per_client(server_module: torch.nn.Module, adapters: Sequence[Adapter],
+                     cuts: Sequence[CutActivations]) -> tuple[list[float], list[Tensor]]:
     """One MS iteration with one server adapter per client, each stepped on its own client's loss."""
     losses: list[float] = []
     activation_grads: list[Tensor] = []
-    for adapter, act, batch in zip(adapters, activations, batches, strict=True):
-        (loss,) = server_losses(server_module, adapter.tensors, [act], [batch])
+    for adapter, cut in zip(adapters, cuts, strict=True):
+        (act,) = received([cut])
+        (loss,) = server_losses(server_module, adapter.tensors, [act], [cut])
         grads = torch.autograd.grad(loss, [act, *adapter.tensors.values()])
         adapter.set_gradients(dict(zip(adapter.tensors, grads[1:], strict=True)))
         adapter.step()

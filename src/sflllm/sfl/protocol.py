@@ -1,0 +1,140 @@
+"""The steps of one SFL local iteration (spec §1), as functions that any runtime calls.
+
+One local iteration, for the K clients and the main server::
+
+    pending_k, cut_k = client_step_forward(split.client, client_k)        # on client k
+    losses, grads = main_server_step(split.server, servers, rng, cuts, spec)   # on the main server
+    client_step_backward(split.client, client_k.adapter, pending_k, grads[k])  # on client k
+
+and at the end of a round the federated server runs :func:`aggregate_and_broadcast` (FedAvg).
+Only :class:`CutActivations` travel up and :class:`CutGradients` down; each side validates what it
+receives.  The in-process engine (:func:`split_iteration`, :class:`~sflllm.sfl.Federation`) and the
+Flower runtimes drive these same functions.  A runtime that cannot keep the client's autograd graph
+between the two client steps (one handler per message) calls ``client_step_forward(...,
+keep_graph=False)``: the backward step then recomputes the forward from (adapter, batch, the
+client's random stream before the forward), which gives identical results (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from sflllm.model import lm_loss
+from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.client import Batch, ClientState, client_forward
+from sflllm.sfl.federated_server import aggregate_and_broadcast
+from sflllm.sfl.main_server import serve_per_client, serve_shared
+from sflllm.sfl.messages import CutActivations, CutGradients, CutSpec, check_activations, check_gradients
+from sflllm.sfl.rng import PartyRng, replayed
+
+
+@dataclass(frozen=True)
+class PendingBackward:
+    """What a client keeps from its forward step until the main server's gradient arrives.
+
+    ``rng_state`` is the client's random stream *before* the forward: replaying it recomputes the
+    same dropout masks.  ``hidden`` is the forward's output with its autograd graph, or None when
+    the backward step is to recompute it.
+    """
+
+    batch: Batch
+    rng_state: Tensor
+    hidden: Tensor | None = None
+
+
+def client_step_forward(client_module: torch.nn.Module, client: ClientState, *,
+                        keep_graph: bool = True) -> tuple[PendingBackward, CutActivations]:
+    """Client k's forward: its next batch through embeddings + blocks 1..split_layer on its own stream.
+
+    Returns what the client keeps and what it sends: activations, attention mask and labels (never
+    the token ids).
+    """
+    batch = client.next_batch()
+    rng_state = client.rng.state
+    with client.rng.active(), torch.set_grad_enabled(keep_graph):
+        hidden = client_forward(client_module, client.adapter.tensors, batch)
+    pending = PendingBackward(batch, rng_state, hidden if keep_graph else None)
+    return pending, CutActivations(hidden.detach(), batch.attention_mask, batch.labels)
+
+
+def recompute_forward(client_module: torch.nn.Module, lora: Mapping[str, Tensor], batch: Batch,
+                      rng_state: Tensor) -> Tensor:
+    """The client's forward again, with its graph, from (adapter, batch, stream state before the forward)."""
+    with replayed(rng_state), torch.enable_grad():
+        return client_forward(client_module, dict(lora), batch)
+
+
+def client_step_backward(client_module: torch.nn.Module, adapter: Adapter, pending: PendingBackward,
+                         gradients: CutGradients) -> None:
+    """Client k's backward: back-propagate the received activation gradient, then one AdamW step."""
+    hidden = pending.hidden
+    if hidden is None:
+        hidden = recompute_forward(client_module, adapter.tensors, pending.batch, pending.rng_state)
+    check_gradients(gradients, hidden)
+    hidden.backward(gradients.grad)
+    adapter.step()
+
+
+def main_server_step(server_module: torch.nn.Module, adapters: Sequence[Adapter], rng: PartyRng,
+                     cuts: Sequence[CutActivations], spec: CutSpec) -> tuple[list[float], list[CutGradients]]:
+    """The main server's iteration over the K clients' payloads (in client order), on its own stream.
+
+    With one adapter it is shared (one AdamW step on the mean loss); with K, adapter k serves client
+    k.  Returns the K losses and the K gradient payloads.  Each payload is validated first, so a
+    malformed one changes nothing.
+    """
+    for k, cut in enumerate(cuts):
+        check_activations(cut, spec, sender=f"client {k}")
+    if len(adapters) not in (1, len(cuts)):
+        raise ValueError(f"main server has {len(adapters)} server adapters for {len(cuts)} clients")
+    with rng.active():
+        if len(adapters) == 1:
+            losses, grads = serve_shared(server_module, adapters[0], cuts)
+        else:
+            losses, grads = serve_per_client(server_module, adapters, cuts)
+    return losses, [CutGradients(g) for g in grads]
+
+
+def split_iteration(client_module: torch.nn.Module, server_module: torch.nn.Module, clients: Sequence[ClientState],
+                    servers: Sequence[Adapter], server_rng: PartyRng, spec: CutSpec) -> list[float]:
+    """One synchronous local iteration over the cut, in one process (spec §1): forward, MS step, backward."""
+    forwards = [client_step_forward(client_module, client) for client in clients]
+    losses, grads = main_server_step(server_module, servers, server_rng, [cut for _, cut in forwards], spec)
+    for client, (pending, _), grad in zip(clients, forwards, grads, strict=True):
+        client_step_backward(client_module, client.adapter, pending, grad)
+    return losses
+
+
+def full_model_step(model: torch.nn.Module, client: ClientState, lora: Mapping[str, Tensor],
+                    adapters: Sequence[Adapter]) -> float:
+    """One AdamW step of the whole model (no cut: centralized and fl) on the client's next batch.
+
+    ``lora`` maps the model's LoRA parameter names to the tensors of ``adapters`` (client and server
+    part), which all step.  Runs on the client's stream.
+    """
+    batch = client.next_batch()
+    with client.rng.active():
+        out = functional_call(model, dict(lora), (),
+                              {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+        loss = lm_loss(out.logits, batch.labels)
+    loss.backward()
+    for adapter in adapters:
+        adapter.step()
+    return loss.item()
+
+
+__all__ = [
+    "PendingBackward",
+    "aggregate_and_broadcast",
+    "client_step_backward",
+    "client_step_forward",
+    "full_model_step",
+    "main_server_step",
+    "recompute_forward",
+    "split_iteration",
+]
