@@ -1,0 +1,137 @@
+"""``sflllm reproduce --accuracy``: SFL against centralized, FL and SL on a real pretrained model.
+
+Each mode is one ordinary training run (:func:`sflllm.experiments.train.run_train`) with the same
+:class:`~sflllm.experiments.config.TrainConfig` except ``mode``, written to ``accuracy/<mode>/``;
+the table reads their ``metrics.json`` finals (held-out loss, perplexity, and the BLEU and ROUGE-L
+that the training run's generation scoring reports). Importing this module does not import torch:
+the training code is imported when a run starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sflllm.experiments.config import TrainConfig, TrainInputError, resolve_config
+
+MODES = ("sfl", "centralized", "fl", "sl")
+SHARED_DATA = Path("../shared/data")  # relative to the current folder, as in the README's examples
+STORIES260K = Path("models/stories260K/hf")
+E2E_TRAIN = Path("e2e/devset.csv")
+E2E_TEST = Path("e2e/testset_w_refs.csv")
+ACCURACY_DIR = "accuracy"
+ACCURACY_TABLE = "accuracy.md"
+ACCURACY_CSV = "accuracy.csv"
+
+
+@dataclass(frozen=True)
+class AccuracySettings:
+    """The shared budget of the four runs: modest, a few rounds (``K I b`` samples per round).
+
+    The defaults are those of the real-learning test (tests/test_sfl_learning.py) at fewer rounds:
+    they suit stories260K on E2E (seq_len 144 covers every test-set prompt).
+    """
+
+    model: str
+    data: str
+    eval_data: str | None
+    rounds: int = 4
+    clients: int = 3
+    split_layer: int | None = None  # None: the middle block, L // 2
+    rank: int = 8
+    local_steps: int = 5
+    batch_size: int = 8
+    seq_len: int = 144
+    lr: float = 2e-2
+    eval_samples: int = 200
+    generate_samples: int = 20
+    seed: int = 0
+
+
+def resolve_sources(model: str | None, data: str | None, eval_data: str | None,
+                    shared: Path = SHARED_DATA) -> tuple[str, str, str | None]:
+    """(model, data, eval_data): the user's ``--model/--data[/--eval-data]``, else stories260K on E2E in
+    ``shared`` when it is there; anything else is a one-line error naming the missing option."""
+    if model is None and data is None and eval_data is None:
+        paths = [shared / STORIES260K, shared / E2E_TRAIN, shared / E2E_TEST]
+        if all(path.exists() for path in paths):
+            return str(paths[0]), str(paths[1]), str(paths[2])
+        missing = next(path for path in paths if not path.exists())
+        raise TrainInputError(f"--accuracy needs --model and --data (the default, stories260K on E2E, "
+                              f"was not found: no {missing})")
+    if model is None or data is None:
+        raise TrainInputError(f"--accuracy: give {'--model' if model is None else '--data'} too "
+                              "(or neither, for stories260K on E2E from ../shared/data)")
+    return model, data, eval_data
+
+
+def middle_split_layer(model: str) -> int:
+    """L // 2 for the model's L blocks (read from its config; the model's own check rejects L < 2)."""
+    from transformers import AutoConfig
+
+    try:
+        blocks = int(AutoConfig.from_pretrained(model).num_hidden_layers)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise TrainInputError(f"--model {model!r}: cannot read its config: {' '.join(str(exc).split())}") from None
+    return max(1, blocks // 2)
+
+
+def accuracy_configs(settings: AccuracySettings) -> dict[str, TrainConfig]:
+    """One validated TrainConfig per mode; they differ only in ``mode``."""
+    split_layer = settings.split_layer if settings.split_layer is not None else middle_split_layer(settings.model)
+    fields = dict(model=settings.model, data=settings.data, eval_data=settings.eval_data, rounds=settings.rounds,
+                  clients=settings.clients, split_layer=split_layer, rank=settings.rank,
+                  local_steps=settings.local_steps, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                  lr=settings.lr, eval_samples=settings.eval_samples, generate=True,
+                  generate_samples=settings.generate_samples, seed=settings.seed)
+    return {mode: resolve_config({}, {**fields, "mode": mode}, source="--accuracy") for mode in MODES}
+
+
+def run_accuracy(configs: dict[str, TrainConfig], folder: Path, *, console=None,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """Train every mode into ``folder/<mode>``; one table row per mode from its final metrics."""
+    from sflllm.experiments.train import run_train
+
+    rows = []
+    for mode, config in configs.items():
+        if console is not None:
+            console.rule(f"accuracy: {mode}")
+        result = run_train(config, folder / mode, console=console, progress=progress)
+        final, generation = result.metrics["final"], result.metrics["final"]["generation"]
+        rows.append({"mode": mode, "heldout_loss": final["heldout_loss"], "perplexity": final["perplexity"],
+                     "bleu": generation["bleu"], "rouge_l": generation["rouge_l"],
+                     "initial_heldout_loss": result.metrics["initial"]["heldout_loss"],
+                     "train_wall_s": sum(r["wall_time_s"] for r in result.metrics["rounds"])})
+    return rows
+
+
+def settings_line(config: TrainConfig) -> str:
+    """The shared settings of the runs, in the paper's vocabulary."""
+    return (f"model `{config.model}`; train `{config.data}`; held out `{config.eval_data or 'held-out MRs of the data'}` "
+            f"({config.eval_samples} examples for the loss, {config.generate_samples} MRs generated, greedy, "
+            f"at most {config.max_new_tokens} new tokens); K = {config.clients} clients, split layer "
+            f"l = {config.split_layer}, LoRA rank r = {config.rank}, alpha {config.lora_alpha:g}, "
+            f"I = {config.local_steps} local steps, b = {config.batch_size}, s = {config.seq_len}, "
+            f"lr {config.lr:g} (AdamW), {config.rounds} rounds ({config.clients * config.local_steps * config.batch_size} "
+            f"samples per round in every mode), seed {config.seed}")
+
+
+def accuracy_markdown(rows: Sequence[dict[str, Any]], config: TrainConfig) -> str:
+    """``accuracy.md``: the table, the settings and where each run is."""
+    lines = [
+        "# Accuracy: SFL against centralized, FL and SL",
+        "",
+        f"Settings: {settings_line(config)}. Held-out loss is the token-weighted cross-entropy (nats per "
+        "token) after the last round; perplexity = exp(loss); BLEU and ROUGE-L as the training run scores "
+        "them (`sflllm.experiments.evaluation`). Before training, the held-out loss was "
+        f"{rows[0]['initial_heldout_loss']:.4f}.",
+        "",
+        "| mode | held-out loss | perplexity | BLEU | ROUGE-L | training wall time (s) | run |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        lines.append(f"| {row['mode']} | {row['heldout_loss']:.4f} | {row['perplexity']:.3f} | {row['bleu']:.2f} | "
+                     f"{row['rouge_l']:.4f} | {row['train_wall_s']:.1f} | `{ACCURACY_DIR}/{row['mode']}/` |")
+    return "\n".join(lines) + "\n"
+
