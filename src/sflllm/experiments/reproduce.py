@@ -486,7 +486,8 @@ def run_reproduce(output: Path, *, base: Scenario | None = None, config: StudyCo
         rows = None
         if configs is not None:
             try:
-                rows = run_accuracy(configs, staging.path / ACCURACY_DIR, console=console, progress=progress)
+                rows = run_accuracy(configs, staging.path / ACCURACY_DIR,
+                                    report=lambda line: console.print(line, markup=False))
             except TrainInputError as exc:
                 raise ReproduceInputError(str(exc)) from None
             first = next(iter(configs.values()))
