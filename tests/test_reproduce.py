@@ -212,12 +212,17 @@ def test_cli_quick_run_and_summary(tmp_path):
     (lambda t: ["--output", t / "new", "--model", "x"], "error: --model/--data/--eval-data apply only with --accuracy"),
     (lambda t: ["--output", t / "new", "--accuracy", "--model", "x"], "error: --accuracy: give --data too"),
     (lambda t: ["--output", t / "new", "--accuracy-rounds", 2], "error: --accuracy-rounds"),
+    (lambda t: ["--output", t / "new", "--accuracy", "--model", "m", "--data", t / "missing.csv"],
+     "error: --data: file not found"),
+    (lambda t: ["--output", t / "new", "--accuracy", "--model", t / "no-model", "--data", t / "data.csv"],
+     "error: --model: model "),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make_args, message):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     (tmp_path / "file.txt").write_text("mine")
     (tmp_path / "bad.yaml").write_text("clients: {count: 0}\n")
+    (tmp_path / "data.csv").write_text("mr,ref\nname[A],A is a place.\n")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = _cli(*make_args(tmp_path))
     assert result.exit_code == 2, result.output
@@ -274,3 +279,27 @@ def test_accuracy_table_on_stories260k(tmp_path, stories260k_dir, e2e_dir):
         assert f"| {row['mode']} | {row['heldout_loss']:.4f} |" in table
     csv_rows = _read_csv(out / "accuracy.csv")
     assert [float(r["heldout_loss"]) for r in csv_rows] == [row["heldout_loss"] for row in run.accuracy]
+
+
+def test_sigterm_mid_study_leaves_nothing(tmp_path):
+    """The command turns SIGTERM into an unwind: its staging folder is removed and DIR never appears."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "from sflllm.cli import app; app()"
+    process = subprocess.Popen([sys.executable, "-c", code, "reproduce", "--output", str(tmp_path / "out"), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.*.partial")) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".out.*.partial")), "the study never started"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert list(tmp_path.iterdir()) == []

@@ -154,6 +154,11 @@ def reproduce(
     from sflllm.experiments.reproduce import ReproduceInputError, StudyConfig, load_base, print_summary, run_reproduce
     from sflllm.experiments.reproduce_accuracy import AccuracySettings, resolve_sources
 
+    import signal
+    import sys
+
+    # A SIGTERM unwinds like Ctrl-C, so the run's staging folder is removed (nothing half-written).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         if not accuracy and (model, data, eval_data) != (None, None, None):

@@ -90,6 +90,7 @@ class Axis:
 
     name: str
     column: str          # CSV column of the value, in SI units
+    sets: str            # the scenario field(s) a point sets
     label: str           # what it is, for plots and tables
     unit: str            # the unit shown: values divided by ``scale``
     scale: float
@@ -107,14 +108,15 @@ class Axis:
 
 
 AXES: dict[str, Axis] = {axis.name: axis for axis in (
-    Axis("clients", "clients", "number of clients K", "", 1.0, False, (2, 5, 10, 20, 30, 40, 50)),
-    Axis("bandwidth", "subchannel_hz", "subchannel bandwidth W_s = W_f", "MHz", 1e6, True,
+    Axis("clients", "clients", "clients.count (the first K clients of a K_max draw)", "number of clients K", "", 1.0, False, (2, 5, 10, 20, 30, 40, 50)),
+    Axis("bandwidth", "subchannel_hz", "network.ms_subchannel_hz and network.fs_subchannel_hz",
+         "subchannel bandwidth W_s = W_f", "MHz", 1e6, True,
          (1e5, 2e5, 5e5, 1e6, 2e6, 5e6)),
-    Axis("client_power", "p_max_w", "maximum client power Pmax", "W", 1.0, True,
+    Axis("client_power", "p_max_w", "clients.p_max_w (every client)", "maximum client power Pmax", "W", 1.0, True,
          (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)),
-    Axis("client_compute", "client_flops_mean", "mean client compute f[k]", "TFLOP/s", 1e12, True,
+    Axis("client_compute", "client_flops_mean", "clients.flops, scaled to this mean", "mean client compute f[k]", "TFLOP/s", 1e12, True,
          (2e11, 5e11, 1e12, 2e12, 5e12, 1e13, 2e13)),
-    Axis("server_compute", "server_flops", "server compute f_s", "TFLOP/s", 1e12, True,
+    Axis("server_compute", "server_flops", "server.flops", "server compute f_s", "TFLOP/s", 1e12, True,
          (1e12, 2e12, 5e12, 1e13, 2e13, 5e13, 1e14)),
 )}
 SPLIT_RANK_AXES = ("client_compute", "bandwidth")  # the optimal (l, r) is plotted against these
@@ -140,11 +142,13 @@ class StudyConfig:
         """Optimiser runs: every value of every axis, on every channel draw."""
         return self.channel_draws * sum(len(v) for v in self.values.values())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, base: Scenario) -> dict[str, Any]:
+        """The design as written to ``study.json`` (``base`` supplies the default number of random draws)."""
         return {"seed": self.seed, "channel_draws": self.channel_draws,
                 "channel_seeds": [self.seed + c for c in range(self.channel_draws)],
-                "random_draws": self.random_draws,
-                "axes": {name: {"field": AXES[name].column, "values": [float(v) for v in values]}
+                "random_draws": self.random_draws or base.baselines.random_draws,
+                "axes": {name: {"sets": AXES[name].sets, "csv_column": AXES[name].column,
+                                "values": [_csv_value(name, v) for v in values]}
                          for name, values in self.values.items()}}
 
 
@@ -333,7 +337,7 @@ def reductions_markdown(study: Study) -> str:
         "samples (see `delay_vs_*.csv`); each cell is the mean over the axis's values, and the largest in "
         "brackets.",
         f"Study: seed {config.seed}, {config.channel_draws} channel draw(s) per point, random baselines "
-        f"{config.random_draws or study.base.baselines.random_draws} draws per point; "
+        f"{config.describe(study.base)['random_draws']} draws per point; "
         f"{len(study.points)} optimiser runs in {study.wall_time_s:.1f} s. Design: `{STUDY_FILE}`.",
         "",
         "| baseline | " + " | ".join(a.replace("_", " ") for a in axes) + " | largest |",
@@ -408,7 +412,7 @@ def write_study(study: Study, folder: Path) -> list[Path]:
         (folder / name).write_text(content, encoding="utf-8")
         written.append(folder / name)
 
-    text(STUDY_FILE, json.dumps(plain(study.config.describe()), indent=2) + "\n")
+    text(STUDY_FILE, json.dumps(plain(study.config.describe(study.base)), indent=2) + "\n")
     text(BASE_SCENARIO_FILE, scenario_to_yaml(study.base))
     for axis in study.config.values:
         rows = delay_rows(study, axis)
