@@ -177,7 +177,9 @@ def accuracy_markdown(rows: Sequence[dict[str, Any]], config: TrainConfig) -> st
         "token) after the last round; perplexity = exp(loss); BLEU and ROUGE-L as the training run scores "
         "them (`sflllm.experiments.evaluation`). Training wall time: the rounds only; whole run: with loading, "
         "evaluation and generation. Before training, the held-out loss was "
-        f"{rows[0]['initial_heldout_loss']:.4f}.",
+        f"{rows[0]['initial_heldout_loss']:.4f}. At a budget this small, BLEU and ROUGE-L over "
+        f"{config.generate_samples} MRs are noisy; the held-out loss over {config.eval_samples} examples is the "
+        "steadier comparison (more rounds: `--accuracy-rounds`).",
         "",
         "| mode | held-out loss | perplexity | BLEU | ROUGE-L | training wall time (s) | whole run (s) | run |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
