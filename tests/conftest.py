@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,15 @@ def e2e_dir() -> Path:
 def stories260k_dir() -> Path:
     """The real pretrained 260K-parameter Llama model (Hugging Face format) from ../shared/data."""
     return _require(STORIES260K / "config.json").parent
+
+
+HEAVY_MODULES = ("torch", "transformers", "peft", "matplotlib")
+
+
+def heavy_modules_imported(*cli_args: str) -> list[str]:
+    """Which of ``HEAVY_MODULES`` a fresh interpreter has imported after ``sflllm CLI_ARGS`` succeeds."""
+    code = ("import sys; from typer.testing import CliRunner; from sflllm.cli import app; "
+            f"r = CliRunner().invoke(app, {list(cli_args)!r}); assert r.exit_code == 0, r.output; "
+            f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
+from conftest import heavy_modules_imported
 from sflllm.cli import app
 
 SMALL = """\
@@ -155,12 +154,7 @@ def test_bad_scenario_exits_2_with_one_line_and_writes_nothing(tmp_path, text, m
 
 
 def test_optimize_imports_no_torch_or_matplotlib(scenario):
-    code = ("import sys; from typer.testing import CliRunner; from sflllm.cli import app; "
-            f"r = CliRunner().invoke(app, ['optimize', '--scenario', r'{scenario}', '--json']); "
-            "assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_modules_imported("optimize", "--scenario", str(scenario), "--json") == []
 
 
 def test_exact_on_a_large_instance_exits_2(tmp_path):

@@ -127,3 +127,62 @@ def optimize(
         Console(stderr=True).print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     print_run(run, as_json=as_json)
+
+
+@app.command()
+def reproduce(
+    output: Annotated[Path | None, typer.Option(help="Output folder: new or empty (default: runs/reproduce-<timestamp>).")] = None,
+    scenario: Annotated[Path | None, typer.Option("--scenario", help="Base scenario (YAML, spec §6) the sweeps vary (default: the spec's defaults).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the first channel draw (default: the scenario's seed).")] = None,
+    channel_draws: Annotated[int | None, typer.Option(help="Channel realisations per sweep point, seeds seed, seed+1, ... (default 5).")] = None,
+    random_draws: Annotated[int | None, typer.Option(help="Draws of each random baseline per point (default: the scenario's, 20).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Three values per axis and one channel draw (a smoke run).")] = False,
+    accuracy: Annotated[bool, typer.Option("--accuracy", help="Also train SFL, centralized, FL and SL on a real model and tabulate loss, perplexity, BLEU, ROUGE-L.")] = False,
+    model: Annotated[str | None, typer.Option(help="With --accuracy: HF model dir or name (default: ../shared/data's stories260K).")] = None,
+    data: Annotated[str | None, typer.Option(help="With --accuracy: training data (default: ../shared/data's E2E devset).")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="With --accuracy: held-out data (default: E2E testset_w_refs).")] = None,
+    accuracy_rounds: Annotated[int | None, typer.Option(help="With --accuracy: training rounds of each mode (default 4).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """The paper-style simulation study of the delay model: PNG + CSV per figure and reductions.md."""
+    import os
+    import time
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in `optimize`: tiny arrays (before numpy loads)
+    from rich.console import Console
+
+    from sflllm.experiments.reproduce import ReproduceInputError, StudyConfig, load_base, print_summary, run_reproduce
+    from sflllm.experiments.reproduce_accuracy import AccuracySettings, resolve_sources
+
+    import signal
+    import sys
+
+    # A SIGTERM unwinds like Ctrl-C, so the run's staging folder is removed (nothing half-written).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    try:
+        if not accuracy and (model, data, eval_data) != (None, None, None):
+            raise ReproduceInputError("--model/--data/--eval-data apply only with --accuracy")
+        if accuracy_rounds is not None and (not accuracy or accuracy_rounds < 1):
+            raise ReproduceInputError(f"--accuracy-rounds: must be >= 1 and go with --accuracy, got {accuracy_rounds}")
+        base = load_base(scenario)
+        given = {"channel_draws": channel_draws, "random_draws": random_draws}
+        study = StudyConfig(seed=base.seed if seed is None else seed,
+                            **{key: value for key, value in given.items() if value is not None})
+        settings = None
+        if accuracy:
+            from sflllm.experiments.config import TrainInputError
+
+            rounds = {} if accuracy_rounds is None else {"rounds": accuracy_rounds}
+            try:
+                settings = AccuracySettings(*resolve_sources(model, data, eval_data), **rounds)
+            except TrainInputError as e:
+                raise ReproduceInputError(str(e)) from None
+        console = Console(soft_wrap=True, highlight=False)
+        run = run_reproduce(output or Path("runs") / time.strftime("reproduce-%Y%m%d-%H%M%S"), base=base,
+                            config=study.quick() if quick else study, accuracy=settings, console=console,
+                            progress=not quiet)
+    except ReproduceInputError as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(code=2) from None
+    print_summary(run, console)

@@ -240,7 +240,8 @@ class Solution:
     for a deterministic method.  For a random baseline they are means over its draws (spec §5
     "report the mean"; each quantity averaged on its own, so the mean breakdown still adds up to the
     mean T_total as spec §8 requires), while the pair, allocations and ``delay`` are its first draw's,
-    shown as an example; ``draws`` is then the number of draws.
+    shown as an example; ``draws`` is then the number of draws and ``draw_totals_s`` each draw's own
+    T_total, in draw order (empty for a deterministic method).
     """
 
     method: str
@@ -255,6 +256,7 @@ class Solution:
     iteration_delay_s: float
     breakdown: dict[str, float]
     draws: int = 1
+    draw_totals_s: tuple[float, ...] = ()
 
 
 def _mean_over_draws(solutions: list[Solution]) -> Solution:
@@ -267,12 +269,15 @@ def _mean_over_draws(solutions: list[Solution]) -> Solution:
     return replace(first, total_delay_s=mean(lambda d: d.total_delay_s), round_delay_s=mean(lambda d: d.round_delay_s),
                    iteration_delay_s=mean(lambda d: d.iteration_delay_s),
                    breakdown={key: mean(lambda d, key=key: d.breakdown[key]) for key in first.delay.breakdown},
-                   draws=len(solutions))
+                   draws=len(solutions), draw_totals_s=tuple(float(s.delay.total_delay_s) for s in solutions))
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """The requested method's solution, the proposed one and every baseline's T_total."""
+    """The requested method's solution, the proposed one and every baseline's T_total.
+
+    ``solutions`` holds every method that ran (proposed, the baselines, and exact when requested).
+    """
 
     problem: Problem
     optimiser: "Optimiser"
@@ -281,6 +286,7 @@ class Outcome:
     baselines: dict[str, float]
     timings_s: dict[str, float]
     solve_time_s: float
+    solutions: dict[str, Solution]
 
 
 def _solution(problem: Problem, method: str, index: int, ms: LinkAllocation, fs: LinkAllocation) -> Solution:
@@ -496,4 +502,5 @@ def optimise(realised: Realised, method: str = "proposed") -> Outcome:
     solutions["random_subchannel"], solutions["random_all"] = timed("random", optimiser.random_baselines)
     baselines = {name: solutions[name].total_delay_s for name in BASELINES}
     return Outcome(problem=problem, optimiser=optimiser, solution=solutions[method], proposed=proposed,
-                   baselines=baselines, timings_s=timings, solve_time_s=time.perf_counter() - start)
+                   baselines=baselines, timings_s=timings, solve_time_s=time.perf_counter() - start,
+                   solutions=solutions)
