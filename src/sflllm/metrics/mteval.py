@@ -64,12 +64,12 @@ def _ngrams(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def _clipped_hits(hypothesis: Sequence[str], references: Sequence[Sequence[str]], n: int) -> Counter[tuple[str, ...]]:
+def _clipped_hits(hypothesis: Counter[tuple[str, ...]], references: Sequence[Counter[tuple[str, ...]]]) -> Counter[tuple[str, ...]]:
     """Each n-gram of ``hypothesis`` with its count clipped to its largest count in one reference (0s dropped)."""
     most: Counter[tuple[str, ...]] = Counter()
     for reference in references:
-        most |= _ngrams(reference, n)
-    return _ngrams(hypothesis, n) & most
+        most |= reference
+    return hypothesis & most
 
 
 def _tokenized(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[list[list[str]]]]:
@@ -86,7 +86,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
     hits, counts, closest_length = [0] * max_n, [0] * max_n, 0
     for hyp, hyp_refs in zip(hyps, refs):
         for n in range(1, max_n + 1):
-            hits[n - 1] += sum(_clipped_hits(hyp, hyp_refs, n).values())
+            hits[n - 1] += sum(_clipped_hits(_ngrams(hyp, n), [_ngrams(r, n) for r in hyp_refs]).values())
             counts[n - 1] += max(len(hyp) - n + 1, 0)
         closest_length += min((abs(len(r) - len(hyp)), len(r)) for r in hyp_refs)[1]
     log_precision = sum(
@@ -118,10 +118,11 @@ def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
     average_reference_length = 0.0
     for hyp, hyp_refs in zip(hyps, refs):
         for n in range(1, max_n + 1):
-            hits[n - 1].update(_clipped_hits(hyp, hyp_refs, n))
+            ref_ngrams = [_ngrams(r, n) for r in hyp_refs]
+            hits[n - 1].update(_clipped_hits(_ngrams(hyp, n), ref_ngrams))
             counts[n - 1] += max(len(hyp) - n + 1, 0)
-            for reference in hyp_refs:
-                reference_counts[n].update(_ngrams(reference, n))
+            for ngrams in ref_ngrams:
+                reference_counts[n].update(ngrams)
         words = sum(len(r) for r in hyp_refs)
         reference_counts[0][()] += words
         average_reference_length += words / len(hyp_refs)
