@@ -28,3 +28,21 @@ def e2e_dir() -> Path:
 def stories260k_dir() -> Path:
     """The real pretrained 260K-parameter Llama model (Hugging Face format) from ../shared/data."""
     return _require(STORIES260K / "config.json").parent
+
+
+
+def _heavy_modules_imported(cli_args: list[str], modules: tuple[str, ...] = ("torch", "matplotlib", "transformers")) -> list[str]:
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from sflllm.cli import app; "
+            f"r = CliRunner().invoke(app, {cli_args!r}); assert r.exit_code == 0, r.output; "
+            f"print(','.join(sorted(m for m in {modules!r} if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+@pytest.fixture(scope="session")
+def heavy_modules_imported():
+    """``f(cli_args)``: which of torch/matplotlib/transformers a fresh interpreter imports running ``sflllm CLI_ARGS``."""
+    return _heavy_modules_imported

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -154,13 +152,8 @@ def test_bad_scenario_exits_2_with_one_line_and_writes_nothing(tmp_path, text, m
     assert not saved.exists() and not plots.exists()
 
 
-def test_optimize_imports_no_torch_or_matplotlib(scenario):
-    code = ("import sys; from typer.testing import CliRunner; from sflllm.cli import app; "
-            f"r = CliRunner().invoke(app, ['optimize', '--scenario', r'{scenario}', '--json']); "
-            "assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+def test_optimize_imports_no_torch_or_matplotlib(scenario, heavy_modules_imported):
+    assert heavy_modules_imported(["optimize", "--scenario", str(scenario), "--json"]) == []
 
 
 def test_exact_on_a_large_instance_exits_2(tmp_path):
