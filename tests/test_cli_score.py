@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sflllm.cli import app
-from sflllm.metrics import bleu, nist
+from sflllm.metrics import bleu, java_executable, nist
 
 runner = CliRunner()
 HYPS = "The Vaults is a cheap pub near Café Adriatic.\nBlue Spice is a coffee shop.\n"
@@ -89,3 +89,15 @@ def test_score_imports_no_torch(files, heavy_modules_imported):
     """Scoring starts fast: neither torch nor transformers is imported."""
     hyp, ref = files
     assert heavy_modules_imported(["score", "--hyp", str(hyp), "--ref", str(ref), "--json", "--no-meteor"]) == []
+
+
+@pytest.mark.skipif(java_executable() is None, reason="java not found on PATH")
+def test_a_failing_jar_is_one_line_exit_1(files, tmp_path, monkeypatch):
+    import sflllm.metrics.coco as coco
+
+    monkeypatch.setattr(coco, "PTB_JAR", tmp_path / "missing.jar")
+    hyp, ref = files
+    result = _score("--hyp", str(hyp), "--ref", str(ref), "--no-meteor")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: Stanford PTBTokenizer"), lines

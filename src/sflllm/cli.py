@@ -120,13 +120,13 @@ def score(
     from rich.console import Console
 
     from sflllm.experiments.score import print_scores, score_files
-    from sflllm.metrics import ScoreInputError
+    from sflllm.metrics import MetricsError, ScoreInputError
 
     try:
         scores = score_files(hyp, ref, meteor=meteor, progress=not as_json)
-    except ScoreInputError as e:
+    except (ScoreInputError, MetricsError) as e:  # bad input: exit 2; Java or a jar failing: exit 1
         Console(stderr=True).print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=2 if isinstance(e, ScoreInputError) else 1) from None
     print_scores(scores, as_json=as_json)
 
 

@@ -520,6 +520,8 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
             + ", ".join(f"{k} {v:.4g}" for k, v in final["generation"].items() if isinstance(v, float)),
             highlight=False,
         )
+        for note in final["generation"]["notes"]:
+            console.print(f"  note: {note}", highlight=False, markup=False)
     console.print(f"results in {out}/ ({METRICS_FILE}, {CONFIG_FILE}, *.safetensors)", highlight=False, markup=False)
     return TrainResult(out, metrics)
 
