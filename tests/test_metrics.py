@@ -89,9 +89,11 @@ def test_ptb_approximation_equals_the_jar_on_the_e2e_test_set(e2e_dir):
 
 @needs_java
 def test_ptb_tokenisation_details():
-    sentences = ["The Vaults' prices are £20-25.", "It isn't (really) cheap...", "", "Café Rouge"]
+    sentences = ["The Vaults' prices are £20-25.", "It isn't (really) cheap...", "", "Café Rouge", "Mr. B. Smith, e.g."]
     (jar,) = ptb_tokenize([sentences], java_executable())
-    assert jar == ["the vaults prices are # 20-25", "it is n't -lrb- really -rrb- cheap", "", "café rouge"]
+    assert jar == [
+        "the vaults prices are # 20-25", "it is n't -lrb- really -rrb- cheap", "", "café rouge", "mr. b. smith e.g.",
+    ]  # fmt: skip
     assert [ptb_tokenize_approx(s) for s in sentences] == jar
     hyps, refs = coco_tokenize(["A pub."], [["The pub.", "A bar!"]], java_executable())
     assert hyps == ["a pub"] and refs == [["the pub", "a bar"]]

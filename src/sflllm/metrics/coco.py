@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+import pycocoevalcap
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
@@ -47,7 +48,7 @@ __all__ = [
 PTB_PUNCTUATION = frozenset(
     {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 )
-_PYCOCOEVALCAP_DIR = Path(next(iter(__import__("pycocoevalcap").__path__)))
+_PYCOCOEVALCAP_DIR = Path(next(iter(pycocoevalcap.__path__)))  # a namespace package: no __file__
 PTB_JAR = _PYCOCOEVALCAP_DIR / "tokenizer" / "stanford-corenlp-3.4.1.jar"
 METEOR_JAR = _PYCOCOEVALCAP_DIR / "meteor" / "meteor-1.5.jar"
 METEOR_COMMAND = ("-jar", "-Xmx2G", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm")  # pycocoevalcap's
@@ -71,15 +72,13 @@ def _drop_punctuation(line: str) -> str:
     return " ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATION)
 
 
-def _start_ptb(java: str, sentences: Sequence[str]) -> subprocess.Popen[bytes]:
+def _start_ptb(java: str) -> subprocess.Popen[bytes]:
     command = [java, "-cp", str(PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _finish_ptb(process: subprocess.Popen[bytes], sentences: Sequence[str]) -> list[str]:
-    # The sentences joined by newlines, without a final one: pycocoevalcap's input, so that even the
-    # last line tokenises as there (PTB keeps the period of an unterminated last line on its word).
-    text = "\n".join(_one_line(s) for s in sentences)
+    text = "\n".join(_one_line(s) for s in sentences)  # pycocoevalcap's input: one sentence a line
     out, err = process.communicate(text.encode("utf-8"))
     lines = out.decode("utf-8").split("\n")
     if process.returncode != 0 or len(lines) < len(sentences):
@@ -91,7 +90,7 @@ def _finish_ptb(process: subprocess.Popen[bytes], sentences: Sequence[str]) -> l
 def ptb_tokenize(groups: Sequence[Sequence[str]], java: str) -> list[list[str]]:
     """Each group of sentences tokenised as pycocoevalcap does (one PTBTokenizer run per group,
     the runs concurrent), lowercased, punctuation dropped, tokens joined by single spaces."""
-    processes = [_start_ptb(java, group) for group in groups]
+    processes = [_start_ptb(java) for _ in groups]
     try:
         return [_finish_ptb(p, group) for p, group in zip(processes, groups)]
     finally:
@@ -108,19 +107,32 @@ _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-
 _BRACKET_TOKENS = frozenset(_BRACKETS.values())
 
 
+_FINAL_PERIODS = re.compile(r"(\S+?)(\.+)(?=\s|$)")  # a word's final period(s), whitespace after
+# words whose one final period PTB keeps: initials (a.), dotted abbreviations (e.g., u.s.), and titles
+_ABBREVIATION = re.compile(r"[a-z]|(?:[a-z]\.)+[a-z]|mr|mrs|ms|dr|prof|st|jr|sr|mt|ft|vs|inc|ltd|co|corp")
+
+
+def _split_periods(match: re.Match[str]) -> str:
+    word, periods = match.group(1), match.group(2)
+    if periods == "." and _ABBREVIATION.fullmatch(word):
+        return word + periods
+    return word + " " + " ".join(periods)
+
+
 def ptb_tokenize_approx(sentence: str) -> str:
     """A Python approximation of pycocoevalcap's tokenisation (PTB, lowercase, punctuation dropped).
 
     It follows the PTB rules that E2E text exercises: ``£`` becomes ``#`` and ``$`` a token; quotes,
     ``-`` at a word's edges, and ``. , ; : ! ? & *`` split off; brackets become ``-lrb-`` etc. (which,
-    lowercased, pycocoevalcap keeps as words); a period splits off when
-    whitespace follows it (``center.,`` keeps it, as PTB does); ``...`` is one token; contractions
+    lowercased, pycocoevalcap keeps as words); a period splits off when whitespace follows it
+    (``center.,`` keeps it, as PTB does) except after initials, dotted abbreviations and titles
+    (``a.``, ``e.g.``, ``mr.``); ``...`` is one token; contractions
     split (``it's`` -> ``it 's``, ``isn't`` -> ``is n't``). On the 9,182 distinct references of the E2E
     dev and test sets it gives exactly the jar's tokens.
     """
     text = _one_line(sentence).lower().replace("£", " # ").replace("€", " $ ").replace("$", " $ ").replace('"', " '' ")
     text = re.sub(r"\.{3,}", " ... ", text)
-    text = re.sub(r"(?<=\S)\.+(?=\s|$)", lambda m: " " + " ".join(m.group(0)), text)
+    text = _FINAL_PERIODS.sub(_split_periods, text)
     text = re.sub(r"(^|\s)\.(?=\w)", r"\1. ", text)
     text = re.sub(r"([,;:!?&*])", r" \1 ", text)
     text = re.sub(r"[()\[\]{}]", lambda m: f" {_BRACKETS[m.group(0)]} ", text)
