@@ -46,6 +46,7 @@ def scorer_check(e2e_dir):
     return expected, data, scores
 
 
+@pytest.mark.slow  # the shared fixture starts METEOR once: 10-30 s
 @pytest.mark.parametrize("name", SETS)
 @pytest.mark.parametrize("metric", [m for m in METRICS if m != "meteor"])
 def test_metrics_equal_the_official_scorer(scorer_check, name, metric):
@@ -54,6 +55,7 @@ def test_metrics_equal_the_official_scorer(scorer_check, name, metric):
     assert scores[name][metric] == pytest.approx(scale * expected[name][EXPECTED_KEYS[metric]], rel=5e-3)
 
 
+@pytest.mark.slow
 @needs_java
 @pytest.mark.parametrize("name", SETS)
 def test_meteor_equals_the_official_scorer(scorer_check, name):
@@ -62,6 +64,7 @@ def test_meteor_equals_the_official_scorer(scorer_check, name):
     assert scores[name]["tokenizer"] == "stanford-ptb (java)" and scores[name]["notes"] == []
 
 
+@pytest.mark.slow
 def test_without_java_meteor_is_omitted_and_the_rest_still_match(scorer_check, monkeypatch):
     """No java on PATH: METEOR is left out with a note; ROUGE-L and CIDEr on the Python PTB
     approximation still equal the official numbers."""
