@@ -85,6 +85,8 @@ def score_e2e(
     try:  # METEOR's start-up (the paraphrase table) overlaps the work below
         scores: dict[str, Any] = {"bleu": 100 * bleu(hypotheses, references), "nist": nist(hypotheses, references)}
         hyp_tokens, ref_tokens = coco_tokenize(hypotheses, references, java)
+        scores["rouge_l"] = 100 * rouge_l(hyp_tokens, ref_tokens)
+        scores["cider"] = cider(hyp_tokens, ref_tokens)
         if meteor_scorer is not None:
             scores["meteor"] = 100 * meteor_scorer.score(hyp_tokens, ref_tokens)
         elif meteor is not False:
@@ -94,8 +96,6 @@ def score_e2e(
     finally:
         if own_meteor and meteor_scorer is not None:
             meteor_scorer.close()
-    scores["rouge_l"] = 100 * rouge_l(hyp_tokens, ref_tokens)
-    scores["cider"] = cider(hyp_tokens, ref_tokens)
     if java is None:
         notes.append(
             "rouge_l and cider on a Python approximation of the Stanford PTB tokenisation (java not found on PATH)"
