@@ -1,4 +1,4 @@
-"""sflllm.experiments.evaluation: E2E metrics, reference grouping and generation."""
+"""sflllm.experiments.evaluation: reference grouping, generation and its scoring."""
 
 from __future__ import annotations
 
@@ -6,58 +6,8 @@ import pytest
 import torch
 
 from sflllm.data import Example, build_demo_tokenizer, synthetic_examples, tokenize
-from sflllm.experiments.evaluation import evaluate_generation, generate_texts, group_references, text_metrics
+from sflllm.experiments.evaluation import evaluate_generation, generate_texts, group_references
 from sflllm.model import build_demo_model, lm_loss
-
-REFS = [
-    ["The Vaults is a cheap pub near Café Adriatic.", "A cheap pub called The Vaults is near Café Adriatic."],
-    ["Blue Spice is a coffee shop in the city centre."],
-    ["Cotto serves Italian food. It is family-friendly.", "Cotto is a family-friendly Italian place.",
-     "There is an Italian place called Cotto which welcomes children."],
-]
-
-
-def test_identical_hypotheses_score_perfectly():
-    metrics = text_metrics([refs[-1] for refs in REFS], REFS)  # matches one of several references
-    assert metrics["bleu"] == pytest.approx(100.0)
-    assert metrics["rouge_l"] == pytest.approx(1.0)
-    assert metrics["nist"] > 1.0
-    assert metrics["num_hypotheses"] == 3
-    for name in ("meteor", "cider"):  # present, or omitted with a reason
-        assert name in metrics or any(note.startswith(f"{name} omitted") for note in metrics["notes"])
-
-
-def test_disjoint_hypotheses_score_zero():
-    metrics = text_metrics(["zebra quantum", "xylophone", "moon orbit velocity"], REFS)
-    assert metrics["bleu"] == pytest.approx(0.0, abs=1e-9)
-    assert metrics["rouge_l"] == pytest.approx(0.0, abs=1e-9)
-    assert metrics["nist"] == pytest.approx(0.0, abs=1e-9)
-
-
-def test_partial_overlap_is_between_and_ordered():
-    perfect = text_metrics([refs[0] for refs in REFS], REFS)
-    partial = text_metrics(["The Vaults is a pub.", "Blue Spice is a shop.", "Cotto serves food."], REFS)
-    empty = text_metrics(["", "", ""], REFS)
-    for name in ("bleu", "rouge_l", "nist"):
-        assert empty[name] < partial[name] < perfect[name]
-    assert empty["nist"] == 0.0
-
-
-def test_cider_rewards_the_right_hypothesis():
-    pytest.importorskip("pycocoevalcap", reason="pycocoevalcap (optional) is not installed")
-    right = text_metrics([refs[0] for refs in REFS], REFS)["cider"]
-    swapped = text_metrics([REFS[1][0], REFS[2][0], REFS[0][0]], REFS)["cider"]
-    assert right > swapped >= 0.0
-
-
-def test_metric_input_errors():
-    with pytest.raises(ValueError, match="2 hypotheses but 3 reference lists"):
-        text_metrics(["a", "b"], REFS)
-    with pytest.raises(ValueError, match="at least one reference"):
-        text_metrics(["a"], [[]])
-    with pytest.raises(ValueError, match="no hypotheses"):
-        text_metrics([], [])
-
 
 def test_group_references_one_entry_per_mr_in_order():
     examples = [Example("name[B]", "b1"), Example("name[A]", "a1"), Example("name[B]", "b2"), Example("name[A]", "a2")]
@@ -88,6 +38,17 @@ def test_batched_generation_equals_one_by_one(demo_tokenizer):
     assert len(beams) == 3 and all(isinstance(t, str) for t in beams)
 
 
+def test_no_repeat_ngram_size_forbids_repeats(demo_tokenizer):
+    """The untrained demo model loops on one token (">>>>"); no_repeat_ngram_size=2 forbids the bigram
+    (">", ">") from occurring twice, so no run of three survives."""
+    model = build_demo_model(len(demo_tokenizer), seed=0, num_layers=1, hidden_size=32, num_heads=2)
+    mrs, _ = group_references(synthetic_examples(24, seed=1))
+    free = generate_texts(model, demo_tokenizer, mrs[:2], max_new_tokens=24)
+    capped = generate_texts(model, demo_tokenizer, mrs[:2], no_repeat_ngram_size=2, max_new_tokens=24)
+    assert all(">>>>" in t for t in free)
+    assert not any(">>>" in t for t in capped) and all(capped)
+
+
 def test_generation_longer_than_the_model_is_an_error(demo_tokenizer):
     model = build_demo_model(len(demo_tokenizer), seed=0, num_layers=1, hidden_size=32, num_heads=2, max_positions=64)
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
@@ -110,11 +71,20 @@ def test_generation_reproduces_memorised_references(demo_tokenizer):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    metrics, mrs, hypotheses = evaluate_generation(model, demo_tokenizer, examples, max_new_tokens=40, batch_size=2)
+    metrics, mrs, hypotheses, references = evaluate_generation(
+        model, demo_tokenizer, examples, max_new_tokens=40, batch_size=2, meteor=False
+    )
     assert hypotheses == [e.ref for e in examples] and mrs == [e.mr for e in examples]
-    assert metrics["bleu"] == pytest.approx(100.0)
+    assert references == [[e.ref] for e in examples]
+    assert metrics["bleu"] == pytest.approx(100.0) and metrics["rouge_l"] == pytest.approx(100.0)
+    assert metrics["decoding"] == {
+        "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "max_new_tokens": 40, "do_sample": False,
+    }  # fmt: skip
     beams = generate_texts(model, demo_tokenizer, mrs, num_beams=3, max_new_tokens=40)
     assert beams == hypotheses
+    # LoRA's E2E decoding (beams, length penalty 0.8, no repeated 4-grams) also finds the memorised references
+    lora = generate_texts(model, demo_tokenizer, mrs, num_beams=4, length_penalty=0.8, no_repeat_ngram_size=4, max_new_tokens=40)
+    assert lora == hypotheses
 
 
 def test_pretrained_llama_with_lora_batched_generation_equals_one_by_one(stories260k_dir):

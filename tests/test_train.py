@@ -19,7 +19,10 @@ from sflllm.experiments.config import TrainConfig, read_config_file
 from sflllm.experiments.train import (
     CLIENT_ADAPTER_FILE,
     CONFIG_FILE,
+    HYPOTHESES_FILE,
     METRICS_FILE,
+    MRS_FILE,
+    REFERENCES_FILE,
     SERVER_ADAPTER_FILE,
     STATE_FILE,
     intra_op_threads,
@@ -213,6 +216,8 @@ BAD_INPUTS = {
     "LoRA targets that match nothing": (["--lora-targets", "no_such_proj"], ["lora_targets"]),
     "unknown partition attribute": (["--partition", "dirichlet", "--partition-attribute", "colour"], ["partition"]),
     "generation longer than the model": (["--generate", "--max-new-tokens", "500"], ["max_new_tokens"]),
+    "length penalty without beam search": (["--length-penalty", "0.8"], ["length_penalty", "num_beams > 1"]),
+    "negative no-repeat n-gram size": (["--no-repeat-ngram-size", "-1"], ["no_repeat_ngram_size"]),
 }
 
 
@@ -255,8 +260,9 @@ def test_unknown_hub_model_is_one_clean_error_line(tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_eval_data_is_used_without_data(tmp_path):
+def test_eval_data_is_used_without_data(tmp_path, monkeypatch):
     """--eval-data with the synthetic training data: held-out loss and generation use the given file."""
+    monkeypatch.setenv("PATH", "")  # no java: METEOR's 10-30 s start-up is left out (tests/test_metrics.py covers it)
     held = tmp_path / "held.jsonl"
     rows = [{"context": f"name[The Vaults], eatType[pub], area[{a}]", "completion": f"The Vaults is a pub in the {a}."}
             for a in ("city centre", "riverside")]
@@ -264,8 +270,9 @@ def test_eval_data_is_used_without_data(tmp_path):
     config = TrainConfig(**TINY, rounds=1, eval_data=str(held), generate=True, max_new_tokens=4)
     result = run_train(config, tmp_path / "out", progress=False)
     assert result.metrics["demo"] is True
-    generated = [json.loads(line)["mr"] for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
-    assert generated == [r["context"] for r in rows]
+    assert (tmp_path / "out" / MRS_FILE).read_text().splitlines() == [r["context"] for r in rows]
+    generation = result.metrics["final"]["generation"]
+    assert "meteor" not in generation and any("java not found" in note for note in generation["notes"])
     missing = tmp_path / "missing.jsonl"
     _assert_clean_error(_train(*TINY_FLAGS, "--eval-data", str(missing), "--output", str(tmp_path / "x")),
                         "eval_data", "missing.jsonl")
@@ -365,6 +372,7 @@ def test_real_pretrained_model_learns_e2e_and_scores_generations(tmp_path, stori
         "--clients", "3", "--split-layer", "2", "--rank", "4", "--partition", "dirichlet",
         "--rounds", "2", "--local-steps", "3", "--batch-size", "4", "--lr", "5e-3",
         "--generate", "--generate-samples", "4", "--max-new-tokens", "32", "--threads", "1",
+        "--num-beams", "3", "--length-penalty", "0.8", "--no-repeat-ngram-size", "4",
         "--output", str(out),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -375,7 +383,20 @@ def test_real_pretrained_model_learns_e2e_and_scores_generations(tmp_path, stori
     assert metrics["final"]["heldout_loss"] < metrics["initial"]["heldout_loss"]
     generation = metrics["final"]["generation"]
     assert generation["num_hypotheses"] == 4
-    for key in ("bleu", "rouge_l", "nist"):
+    assert generation["decoding"] == {
+        "num_beams": 3, "length_penalty": 0.8, "no_repeat_ngram_size": 4, "max_new_tokens": 32, "do_sample": False,
+    }  # fmt: skip
+    for key in ("bleu", "nist", "meteor", "rouge_l", "cider"):
+        if key == "meteor" and shutil.which("java") is None:
+            continue
         assert math.isfinite(generation[key]) and generation[key] >= 0
-    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(row["mr"] and isinstance(row["generation"], str) for row in rows)
+    mrs = (out / MRS_FILE).read_text(encoding="utf-8").splitlines()
+    assert len(mrs) == 4 and all(mr.startswith("name[") for mr in mrs)
+    # the written files, rescored by `sflllm score`, give the numbers in metrics.json
+    rescored = runner.invoke(
+        app, ["score", "--hyp", str(out / HYPOTHESES_FILE), "--ref", str(out / REFERENCES_FILE), "--json", "--no-meteor"]
+    )
+    assert rescored.exit_code == 0, rescored.output
+    scores = json.loads(rescored.stdout)
+    for key in ("bleu", "nist", "rouge_l", "cider"):
+        assert scores[key] == pytest.approx(generation[key], rel=1e-12, abs=1e-12)

@@ -51,9 +51,11 @@ def train(
     partition_attribute: Annotated[str | None, typer.Option(help="MR slot the Dirichlet partition skews on.")] = None,
     keep_mr_together: Annotated[bool | None, typer.Option("--keep-mr-together/--split-mrs", help="Keep all references of one MR on one client (default) or split them.")] = None,
     eval_samples: Annotated[int | None, typer.Option(help="Held-out examples for the held-out loss.")] = None,
-    generate: Annotated[bool | None, typer.Option("--generate/--no-generate", help="Generate for held-out MRs and score BLEU/ROUGE-L/NIST/...")] = None,
+    generate: Annotated[bool | None, typer.Option("--generate/--no-generate", help="Generate for held-out MRs and score BLEU, NIST, METEOR, ROUGE-L, CIDEr (as the official E2E scorer).")] = None,
     generate_samples: Annotated[int | None, typer.Option(help="Distinct held-out MRs to generate for.")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beams for generation.")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beams for generation (default 1: greedy; LoRA's E2E setup: 10).")] = None,
+    length_penalty: Annotated[float | None, typer.Option(help="Beam-search length penalty (LoRA's E2E setup: 0.8).")] = None,
+    no_repeat_ngram_size: Annotated[int | None, typer.Option(help="Never repeat an n-gram of this size; 0: off (LoRA's E2E setup: 4).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Longest generation in tokens.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: 1 for models of hidden size <= 256, else torch's default).")] = None,
     output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
@@ -102,6 +104,30 @@ def train(
 
 
 _NOT_CONFIG_FIELDS = frozenset({"config", "output", "resume", "quiet", "lora_targets"})
+
+
+@app.command()
+def score(
+    hyp: Annotated[Path, typer.Option("--hyp", help="System output: one hypothesis per line.")],
+    ref: Annotated[Path, typer.Option("--ref", help="References: each MR's references one per line, each MR's block ended by an empty line.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys bleu, nist, meteor, rouge_l, cider) instead of a table.")] = False,
+    meteor: Annotated[bool, typer.Option("--meteor/--no-meteor", help="METEOR 1.5 (Java; 10-30 s to start) or not.")] = True,
+) -> None:
+    """Score a system output as the official E2E NLG Challenge scorer does: BLEU, NIST, METEOR, ROUGE-L, CIDEr.
+
+    BLEU, METEOR and ROUGE-L are printed x100, NIST and CIDEr as they are (as the papers print them).
+    """
+    from rich.console import Console
+
+    from sflllm.experiments.score import print_scores, score_files
+    from sflllm.metrics import MetricsError, ScoreInputError
+
+    try:
+        scores = score_files(hyp, ref, meteor=meteor, progress=not as_json)
+    except (ScoreInputError, MetricsError) as e:  # bad input: exit 2; Java or a jar failing: exit 1
+        Console(stderr=True).print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(code=2 if isinstance(e, ScoreInputError) else 1) from None
+    print_scores(scores, as_json=as_json)
 
 
 @app.command()

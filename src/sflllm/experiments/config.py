@@ -59,9 +59,16 @@ class TrainConfig(BaseModel):
 
     # evaluation
     eval_samples: int = Field(64, ge=1, description="held-out examples for the held-out loss")
-    generate: bool = Field(False, description="also generate from held-out MRs and score BLEU/ROUGE-L/NIST/...")
+    generate: bool = Field(False, description="also generate from held-out MRs and score BLEU/NIST/METEOR/ROUGE-L/CIDEr")
     generate_samples: int = Field(16, ge=1, description="distinct held-out MRs to generate for")
-    num_beams: int = Field(1, ge=1)
+    # decoding: greedy is the quick default; LoRA's E2E setup is num_beams 10, length_penalty 0.8, no_repeat_ngram_size 4
+    num_beams: int = Field(1, ge=1, description="beams for generation; 1: greedy (LoRA's E2E setup: 10)")
+    length_penalty: float = Field(
+        1.0, description="beam search: scores divided by length**length_penalty (LoRA's E2E setup: 0.8)"
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="never repeat an n-gram of this size; 0: off (LoRA's E2E setup: 4)"
+    )
     max_new_tokens: int = Field(40, ge=1)
 
     # execution only (results do not depend on it)
@@ -77,6 +84,14 @@ class TrainConfig(BaseModel):
             raise ValueError(f"'per_client' applies to mode 'sfl' only, not {mode!r}")
         return value
 
+    @field_validator("length_penalty")
+    @classmethod
+    def _length_penalty_needs_beams(cls, value: float, info: ValidationInfo) -> float:
+        beams = info.data.get("num_beams")  # None: num_beams itself is invalid and reported
+        if value != 1.0 and beams == 1:
+            raise ValueError(f"applies to beam search only: set num_beams > 1 (got num_beams {beams}) or leave it at 1.0")
+        return value
+
     @property
     def is_demo(self) -> bool:
         """True when the built-in model or the synthetic data stands in for a real one."""
@@ -85,7 +100,9 @@ class TrainConfig(BaseModel):
 
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.
-RESUMABLE_FIELDS = frozenset({"rounds", "generate", "generate_samples", "num_beams", "max_new_tokens", "threads"})
+RESUMABLE_FIELDS = frozenset(
+    {"rounds", "generate", "generate_samples", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "threads"}
+)
 
 
 def _yaml() -> YAML:

@@ -1,16 +1,7 @@
 """E2E evaluation: generate one sentence per unique MR and score it against all references of that MR.
 
-Metrics (the E2E NLG Challenge set, computed offline):
-
-- ``bleu``: sacrebleu ``corpus_bleu`` with multiple references (0-100, case-sensitive, 13a tokens).
-- ``rouge_l``: rouge-score ROUGE-L F1; for each hypothesis the max F1 over its references
-  (``RougeScorer.score_multi``), averaged over hypotheses (0-1).
-- ``nist``: nltk ``corpus_nist`` (n=5) on sacrebleu 13a tokens (0 for orders no hypothesis reaches).
-- ``meteor``: nltk ``meteor_score``, averaged; only when nltk's WordNet data is installed.
-- ``cider``: pycocoevalcap ``Cider`` (pure Python, no Java) on lowercased 13a tokens; only when
-  pycocoevalcap is installed.
-
-A metric that cannot be computed is left out and a line in ``notes`` says why.
+The scores are :func:`sflllm.metrics.score_e2e`'s: BLEU, NIST, METEOR, ROUGE-L and CIDEr as the
+official E2E NLG Challenge scorer computes them (BLEU, METEOR, ROUGE-L x100).
 """
 
 from __future__ import annotations
@@ -18,15 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from nltk.corpus import wordnet
-from nltk.translate.meteor_score import meteor_score
-from nltk.translate.nist_score import corpus_nist
-from rouge_score import rouge_scorer
-from sacrebleu import corpus_bleu
-from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sflllm.data import Example, eos_token_id, normalize_whitespace, pad_token_id, prompt_ids
+from sflllm.metrics import score_e2e
 from sflllm.model import max_positions
 
 
@@ -45,10 +31,16 @@ def generate_texts(
     mrs: Sequence[str],
     *,
     num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     max_new_tokens: int = 64,
     batch_size: int = 16,
 ) -> list[str]:
     """One generated sentence per MR: greedy (``num_beams=1``) or beam search with HF ``generate``.
+
+    ``length_penalty`` (beam search only: scores are divided by length**length_penalty) and
+    ``no_repeat_ngram_size`` (0: off) are HF ``generate``'s; LoRA's E2E setup is ``num_beams=10,
+    length_penalty=0.8, no_repeat_ngram_size=4``.
 
     The prompt is the training prompt (:func:`sflllm.data.prompt_ids`), left-padded within each
     batch; only the new tokens are decoded, up to the first EOS, whitespace-normalised. The model is
@@ -57,6 +49,8 @@ def generate_texts(
     for field, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{field} must be >= 1, got {value}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     if not mrs:
         return []
     eos, pad = eos_token_id(tokenizer), pad_token_id(tokenizer)
@@ -86,6 +80,8 @@ def generate_texts(
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=pad,
@@ -98,85 +94,31 @@ def generate_texts(
     return texts
 
 
-def _wordnet_available() -> bool:
-    """Whether nltk's WordNet corpus (needed by METEOR's synonym matching) can be loaded offline."""
-    try:
-        wordnet.ensure_loaded()
-    except LookupError:
-        return False
-    return True
-
-
-def _tokens(text: str, tokenizer: Tokenizer13a) -> list[str]:
-    return tokenizer(text).split()
-
-
-def text_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
-    """Corpus metrics of ``hypotheses[i]`` against its references ``references[i]`` (see module doc).
-
-    Returns ``{"bleu", "rouge_l", "nist", ["meteor"], ["cider"], "num_hypotheses", "notes"}``
-    (JSON-serialisable). Raises ``ValueError`` on a length mismatch or an MR without references.
-    """
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
-    if not hypotheses:
-        raise ValueError("no hypotheses to score")
-    if any(len(refs) == 0 for refs in references):
-        raise ValueError("every hypothesis needs at least one reference")
-    notes: list[str] = []
-    # sacrebleu takes reference streams; a hypothesis with fewer references has None in the rest.
-    num_streams = max(len(refs) for refs in references)
-    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(num_streams)]
-    metrics: dict = {"bleu": float(corpus_bleu(list(hypotheses), streams).score)}
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    metrics["rouge_l"] = float(
-        sum(scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references))
-        / len(hypotheses)
-    )
-
-    tok13a = Tokenizer13a()
-    hyp_tokens = [_tokens(h, tok13a) for h in hypotheses]
-    ref_tokens = [[_tokens(r, tok13a) for r in refs] for refs in references]
-    # nltk divides by the number of hypothesis n-grams of each order, which is 0 for orders longer
-    # than every hypothesis; mteval-v13a scores such an order 0, which is the same as stopping at
-    # the longest hypothesis. All hypotheses empty -> the length penalty is 0, so NIST is 0.
-    longest = max(len(h) for h in hyp_tokens)
-    metrics["nist"] = float(corpus_nist(ref_tokens, hyp_tokens, n=min(5, longest))) if longest else 0.0
-
-    if _wordnet_available():
-        metrics["meteor"] = float(
-            sum(meteor_score(refs, hyp) for hyp, refs in zip(hyp_tokens, ref_tokens)) / len(hypotheses)
-        )
-    else:
-        notes.append("meteor omitted: nltk's WordNet data is not installed (nltk.download('wordnet'))")
-
-    try:
-        from pycocoevalcap.cider.cider import Cider
-    except ImportError:
-        notes.append("cider omitted: pycocoevalcap is not installed (pip install pycocoevalcap)")
-    else:
-        gts = {i: [" ".join(r).lower() for r in refs] for i, refs in enumerate(ref_tokens)}
-        res = {i: [" ".join(h).lower()] for i, h in enumerate(hyp_tokens)}
-        metrics["cider"] = float(Cider().compute_score(gts, res)[0])
-
-    metrics["num_hypotheses"] = len(hypotheses)
-    metrics["notes"] = notes
-    return metrics
-
-
 def evaluate_generation(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     *,
     num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     max_new_tokens: int = 64,
     batch_size: int = 16,
-) -> tuple[dict, list[str], list[str]]:
-    """Generate for each unique MR of ``examples`` and score: ``(metrics, mrs, hypotheses)``."""
+    meteor: bool = True,
+) -> tuple[dict, list[str], list[str], list[list[str]]]:
+    """Generate for each unique MR of ``examples`` and score (:func:`sflllm.metrics.score_e2e`):
+    ``(metrics, mrs, hypotheses, references)``; ``metrics["decoding"]`` states the decoding settings."""
     mrs, references = group_references(examples)
+    decoding = {
+        "num_beams": num_beams,
+        "length_penalty": length_penalty,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+    }
     hypotheses = generate_texts(
-        model, tokenizer, mrs, num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
-    return text_metrics(hypotheses, references), mrs, hypotheses
+        model, tokenizer, mrs, num_beams=num_beams, length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    )  # fmt: skip
+    metrics = {**score_e2e(hypotheses, references, meteor=meteor), "decoding": decoding}
+    return metrics, mrs, hypotheses, references

@@ -10,7 +10,9 @@ Layout of the output directory ``DIR`` (every file written atomically, nothing p
     DIR/server_adapter.safetensors  server adapter: LoRA tensors of blocks split_layer+1..L
     DIR/state.safetensors           resume state: Federation.state_dict() (adapters, optimizer states,
                                     data cursors, RNG) + metadata (rounds done, config, metrics so far)
-    DIR/generations.jsonl           with ``generate``: the merged model's sentence for each held-out MR
+    DIR/generation.hyp.txt          with ``generate``: the merged model's sentence for each held-out MR,
+    DIR/generation.ref.txt          the references of each MR and the MRs, one per line, in the official
+    DIR/generation.mr.txt           E2E scorer's format (``sflllm score --hyp ... --ref ...`` rescores them)
 
 Bad input raises ``TrainInputError`` before ``DIR`` is created (or, on resume, before anything in
 it is rewritten).
@@ -77,7 +79,9 @@ METRICS_FILE = "metrics.json"
 STATE_FILE = "state.safetensors"
 CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
-GENERATIONS_FILE = "generations.jsonl"
+HYPOTHESES_FILE = "generation.hyp.txt"
+REFERENCES_FILE = "generation.ref.txt"
+MRS_FILE = "generation.mr.txt"
 METRICS_SCHEMA = "sflllm.train.metrics/1"
 
 DEMO_TRAIN_EXAMPLES = 384  # synthetic training pool of the offline demo (before train_samples)
@@ -516,6 +520,8 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
             + ", ".join(f"{k} {v:.4g}" for k, v in final["generation"].items() if isinstance(v, float)),
             highlight=False,
         )
+        for note in final["generation"]["notes"]:
+            console.print(f"  note: {note}", highlight=False, markup=False)
     console.print(f"results in {out}/ ({METRICS_FILE}, {CONFIG_FILE}, *.safetensors)", highlight=False, markup=False)
     return TrainResult(out, metrics)
 
@@ -528,18 +534,24 @@ def _final_metrics(run: _Run, metrics: dict[str, Any], out: Path) -> dict[str, A
 
 
 def generation_metrics(run: _Run, out: Path) -> dict[str, Any]:
-    """E2E metrics of the merged model's generations for the held-out MRs; writes DIR/generations.jsonl."""
-    from sflllm.experiments.evaluation import evaluate_generation  # nltk & co. cost ~1 s to import: only if asked
+    """E2E metrics of the merged model's generations for the held-out MRs, with the decoding settings;
+    writes the hypotheses, references and MRs in the official scorer's plain-text format."""
+    from sflllm.experiments.evaluation import evaluate_generation  # the metrics' imports: only if asked
+    from sflllm.metrics import format_hypotheses, format_references
 
-    scores, mrs, hypotheses = evaluate_generation(
+    config = run.config
+    scores, mrs, hypotheses, references = evaluate_generation(
         run.split.full,
         run.tokenizer,
         run.generation_examples,
-        num_beams=run.config.num_beams,
-        max_new_tokens=run.config.max_new_tokens,
+        num_beams=config.num_beams,
+        length_penalty=config.length_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        max_new_tokens=config.max_new_tokens,
     )
-    lines = (json.dumps({"mr": mr, "generation": hyp}, ensure_ascii=False) + "\n" for mr, hyp in zip(mrs, hypotheses))
-    write_atomic(out / GENERATIONS_FILE, "".join(lines).encode("utf-8"))
+    write_atomic(out / HYPOTHESES_FILE, format_hypotheses(hypotheses).encode("utf-8"))
+    write_atomic(out / REFERENCES_FILE, format_references(references).encode("utf-8"))
+    write_atomic(out / MRS_FILE, format_hypotheses(mrs).encode("utf-8"))
     return scores
 
 
