@@ -152,7 +152,7 @@ def run_accuracy(configs: dict[str, TrainConfig], folder: Path, *,
             rows.append(row)
             if report is not None:
                 report(f"accuracy: {mode}: held-out loss {row['initial_heldout_loss']:.4f} -> "
-                       f"{row['heldout_loss']:.4f}, BLEU {row['bleu']:.2f}, ROUGE-L {row['rouge_l']:.4f} "
+                       f"{row['heldout_loss']:.4f}, BLEU {row['bleu']:.2f}, ROUGE-L {row['rouge_l']:.2f} "
                        f"({row['run_wall_s']:.0f} s)")
     return rows
 
@@ -174,8 +174,8 @@ def accuracy_markdown(rows: Sequence[dict[str, Any]], config: TrainConfig) -> st
         "# Accuracy: SFL against centralized, FL and SL",
         "",
         f"Settings: {settings_line(config)}. Held-out loss is the token-weighted cross-entropy (nats per "
-        "token) after the last round; perplexity = exp(loss); BLEU and ROUGE-L as the training run scores "
-        "them (`sflllm.experiments.evaluation`). Training wall time: the rounds only; whole run: with loading, "
+        "token) after the last round; perplexity = exp(loss); BLEU and ROUGE-L (x100) as the training run scores "
+        "them (the official E2E scorer's definitions, `sflllm.metrics`). Training wall time: the rounds only; whole run: with loading, "
         "evaluation and generation. Before training, the held-out loss was "
         f"{rows[0]['initial_heldout_loss']:.4f}. At a budget this small, BLEU and ROUGE-L over "
         f"{config.generate_samples} MRs are noisy; the held-out loss over {config.eval_samples} examples is the "
@@ -186,7 +186,7 @@ def accuracy_markdown(rows: Sequence[dict[str, Any]], config: TrainConfig) -> st
     ]
     for row in rows:
         lines.append(f"| {row['mode']} | {row['heldout_loss']:.4f} | {row['perplexity']:.3f} | {row['bleu']:.2f} | "
-                     f"{row['rouge_l']:.4f} | {row['train_wall_s']:.1f} | {row['run_wall_s']:.1f} | "
+                     f"{row['rouge_l']:.2f} | {row['train_wall_s']:.1f} | {row['run_wall_s']:.1f} | "
                      f"`{ACCURACY_DIR}/{row['mode']}/` |")
     return "\n".join(lines) + "\n"
 
