@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: 1 for narrow models (hidden size <= 256), torch's default otherwise"
     )
+    engine: Literal["local", "flower-sim"] = Field(
+        "local", description="local: one process; flower-sim: Flower's Simulation Engine (mode sfl; the flower extra)"
+    )
 
     @field_validator("server_adapter")
     @classmethod
@@ -75,6 +78,14 @@ class TrainConfig(BaseModel):
         mode = info.data.get("mode", "sfl")
         if value == "per_client" and mode != "sfl":
             raise ValueError(f"'per_client' applies to mode 'sfl' only, not {mode!r}")
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _flower_sim_needs_sfl(cls, value: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode", "sfl")
+        if value == "flower-sim" and mode != "sfl":
+            raise ValueError(f"'flower-sim' runs mode 'sfl' only, not {mode!r}")
         return value
 
     @property
@@ -85,7 +96,7 @@ class TrainConfig(BaseModel):
 
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.
-RESUMABLE_FIELDS = frozenset({"rounds", "generate", "generate_samples", "num_beams", "max_new_tokens", "threads"})
+RESUMABLE_FIELDS = frozenset({"rounds", "generate", "generate_samples", "num_beams", "max_new_tokens", "threads", "engine"})
 
 
 def _yaml() -> YAML:
