@@ -67,7 +67,7 @@ def test_flower_sim_resumes_a_local_run_with_per_client_server_adapters(tmp_path
 
 
 def test_flower_sim_runs_mode_sfl_only():
-    with pytest.raises(TrainInputError, match="engine: 'flower-sim' runs mode 'sfl' only, not 'fl'"):
+    with pytest.raises(TrainInputError, match="engine: 'flower-sim' applies to mode 'sfl' only, not 'fl'"):
         resolve_config({"mode": "fl", "engine": "flower-sim"}, {})
 
 
@@ -140,7 +140,7 @@ def test_cli_engine_option_is_validated(tmp_path):
 
     result = CliRunner().invoke(app, ["train", "--engine", "flower-sim", "--mode", "fl", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "engine: 'flower-sim' runs mode 'sfl' only" in result.output
+    assert "engine: 'flower-sim' applies to mode 'sfl' only" in result.output
     assert not (tmp_path / "o").exists()
     result = CliRunner().invoke(app, ["train", "--engine", "grpc", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "engine" in result.output and not (tmp_path / "o").exists()

@@ -72,20 +72,12 @@ class TrainConfig(BaseModel):
         "local", description="local: one process; flower-sim: Flower's Simulation Engine (mode sfl; the flower extra)"
     )
 
-    @field_validator("server_adapter")
+    @field_validator("server_adapter", "engine")
     @classmethod
-    def _per_client_server_needs_sfl(cls, value: str, info: ValidationInfo) -> str:
+    def _sfl_only_values_need_sfl(cls, value: str, info: ValidationInfo) -> str:
         mode = info.data.get("mode", "sfl")
-        if value == "per_client" and mode != "sfl":
-            raise ValueError(f"'per_client' applies to mode 'sfl' only, not {mode!r}")
-        return value
-
-    @field_validator("engine")
-    @classmethod
-    def _flower_sim_needs_sfl(cls, value: str, info: ValidationInfo) -> str:
-        mode = info.data.get("mode", "sfl")
-        if value == "flower-sim" and mode != "sfl":
-            raise ValueError(f"'flower-sim' runs mode 'sfl' only, not {mode!r}")
+        if value == SFL_ONLY[info.field_name] and mode != "sfl":
+            raise ValueError(f"{value!r} applies to mode 'sfl' only, not {mode!r}")
         return value
 
     @property
@@ -93,6 +85,9 @@ class TrainConfig(BaseModel):
         """True when the built-in model or the synthetic data stands in for a real one."""
         return self.model is None or self.data is None
 
+
+# Values of a field that only mode sfl supports
+SFL_ONLY = {"server_adapter": "per_client", "engine": "flower-sim"}
 
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.

@@ -131,8 +131,8 @@ class RoundEngine(Protocol):
 class Federation:
     """K simulated clients, a main server and a federated server around ONE frozen split model.
 
-    Build with :func:`make_federation`.  Per party, the state is only LoRA tensors, AdamW state
-    and (for clients) a data cursor; the base model is shared by everyone.
+    Build with :func:`make_federation`.  Per party, the state is only LoRA tensors, AdamW state,
+    a random stream and (for clients) a data cursor; the base model is shared by everyone.
     """
 
     def __init__(self, split: SplitModel, client_data: list[TokenizedExamples], hyper: Hyper) -> None:
