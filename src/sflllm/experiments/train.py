@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -518,7 +518,9 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
     )
     if config.engine != "local":
         start = time.perf_counter()
-        run.federation.start()  # outside the rounds' wall times
+        waiting = console.status(f"engine {config.engine}: starting {config.clients} clients") if show else nullcontext()
+        with waiting:
+            run.federation.start()  # outside the rounds' wall times
         console.print(f"engine {config.engine}: started in {time.perf_counter() - start:.1f} s", highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not show) as bar:

@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -158,7 +159,8 @@ class FlowerSimulation:
         self._load_client = load_client
         self._backend_config = dict(backend_config or {
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False},
+            # clients' errors come back in their replies; their log lines would only drown the progress bar
+            "init_args": {"include_dashboard": False, "log_to_driver": False, "logging_level": "error"},
         })
         self._jobs: queue.Queue[Callable[[Grid], Any] | None] = queue.Queue()
         self._results: queue.Queue[tuple[bool, Any]] = queue.Queue()
@@ -223,7 +225,9 @@ class FlowerSimulation:
             except BaseException as e:  # noqa: BLE001 - reported by _call
                 self._failure = e
 
-        logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's INFO lines would drown the progress bar
+        for name in ("flwr", "ray"):  # their INFO/WARNING lines would drown the progress bar
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
         self._thread = threading.Thread(target=simulate, name="flower-simulation", daemon=True)
         self._thread.start()
         self._call(self._connect, started=True)
