@@ -144,3 +144,23 @@ def test_cli_engine_option_is_validated(tmp_path):
     assert not (tmp_path / "o").exists()
     result = CliRunner().invoke(app, ["train", "--engine", "grpc", "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "engine" in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_client_rejects_malformed_gradients_across_flower(tmp_path, monkeypatch):
+    """The main server (in this process) sends float64 gradients; the ClientApp (a Ray worker) refuses
+    them with an error naming the field, which comes back in its reply; nothing is checkpointed."""
+    pytest.importorskip("ray", reason="Flower's simulation backend (flwr[simulation]) is not installed")
+    import sflllm.flower.simulation as simulation
+
+    real = simulation.main_server_step
+
+    def float64_gradients(*args, **kwargs):
+        losses, grads = real(*args, **kwargs)
+        return losses, [CutGradients(g.grad.double()) for g in grads]
+
+    monkeypatch.setattr(simulation, "main_server_step", float64_gradients)
+    with pytest.raises(RuntimeError, match=r"client 0 failed train.step: .*main server: CutGradients.grad has "
+                                           r"\(4, 104, 128\) torch.float64, expected \(4, 104, 128\) torch.float32"):
+        run_train(demo_config(engine="flower-sim"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "state.safetensors").exists()

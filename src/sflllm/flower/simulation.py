@@ -140,6 +140,14 @@ def make_client_app(load_client: LoadClient) -> ClientApp:
     return app
 
 
+def error_line(reason: str) -> str:
+    """The client's own error message out of the reason Flower reports (with Ray: a whole traceback
+    ending in ``... Message: <the exception's message>'>``)."""
+    tail = str(reason).rsplit("Message: ", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1].removesuffix("'>").strip() if lines else str(reason)
+
+
 # --------------------------------------------------------------------------- the main and federated server
 class FlowerSimulation:
     """The SFL protocol in Flower's Simulation Engine, with the round interface of :class:`Federation`.
@@ -280,7 +288,7 @@ class FlowerSimulation:
             if reply is None:
                 raise RuntimeError(f"{who} sent no reply to {action}")
             if reply.has_error():
-                raise RuntimeError(f"{who} failed {action}: {reply.error.reason}")
+                raise RuntimeError(f"{who} failed {action}: {error_line(reply.error.reason)}")
         if by_node:
             return {node: replies[node].content for node in self._nodes}
         return [replies[node].content for node in self._nodes]
