@@ -26,7 +26,7 @@ from sflllm.sfl import (
     party_seed,
 )
 from sflllm.sfl.client import Batch
-from tests.test_sfl import SEQ_LEN, assert_close, client_data, global_lora, tiny_split
+from test_sfl import SEQ_LEN, assert_close, client_data, global_lora, tiny_split
 
 
 @pytest.fixture(autouse=True, scope="module")

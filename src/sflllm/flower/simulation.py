@@ -37,12 +37,12 @@ from torch import Tensor
 
 from sflllm.flower.records import (
     GRAD,
+    activations_to_records,
     gradients_to_records,
     record_to_tensors,
     records_to_activations,
     records_to_gradients,
     tensors_to_record,
-    activations_to_records,
 )
 from sflllm.sfl import (
     ClientState,
@@ -112,10 +112,9 @@ def make_client_app(load_client: LoadClient) -> ClientApp:
         if GRAD in msg.content:
             backward(msg, context, module, client)
         cursor = torch.tensor([client.cursor.epoch, client.cursor.position], dtype=torch.int64)
-        rng = client.rng.state
         with training(module):
-            _, cut = client_step_forward(module, client, keep_graph=False)
-        context.state[PENDING] = tensors_to_record({"cursor": cursor, "rng": rng})
+            pending, cut = client_step_forward(module, client, keep_graph=False)
+        context.state[PENDING] = tensors_to_record({"cursor": cursor, "rng": pending.rng_state})
         save(context, k, client)
         return Message(activations_to_records(cut), reply_to=msg)
 
