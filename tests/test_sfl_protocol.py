@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from sflllm.sfl import (
     party_seed,
 )
 from sflllm.sfl.client import Batch
-from tests.test_sfl import SEQ_LEN, assert_close, client_data, global_lora, tiny_split
+from test_sfl import SEQ_LEN, assert_close, client_data, global_lora, tiny_split
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -197,3 +199,11 @@ def test_client_step_backward_rejects_wrong_gradient_before_stepping(tokenizer, 
         client_step_backward(fed.split.client, client.adapter, pending, CutGradients(cut.hidden[:, :-1]))
     assert_close(client.adapter.tensors, before, atol=0)
     assert SEQ_LEN == cut.hidden.shape[1]
+
+
+def test_the_local_engine_imports_no_flower():
+    """A core install (no flower extra) trains: flwr and ray load only for --engine flower-sim."""
+    code = ("import sys, sflllm.sfl, sflllm.experiments.train, sflllm.cli; "
+            "print(sorted(m for m in ('flwr', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -58,6 +58,7 @@ def train(
     no_repeat_ngram_size: Annotated[int | None, typer.Option(help="Never repeat an n-gram of this size; 0: off (LoRA's E2E setup: 4).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Longest generation in tokens.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: 1 for models of hidden size <= 256, else torch's default).")] = None,
+    engine: Annotated[str | None, typer.Option(help="local | flower-sim (Flower Simulation Engine; needs the flower extra).")] = None,
     output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this output dir (e.g. with a larger --rounds).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,

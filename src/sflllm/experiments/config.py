@@ -75,13 +75,16 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: 1 for narrow models (hidden size <= 256), torch's default otherwise"
     )
+    engine: Literal["local", "flower-sim"] = Field(
+        "local", description="local: one process; flower-sim: Flower's Simulation Engine (mode sfl; the flower extra)"
+    )
 
-    @field_validator("server_adapter")
+    @field_validator("server_adapter", "engine")
     @classmethod
-    def _per_client_server_needs_sfl(cls, value: str, info: ValidationInfo) -> str:
+    def _sfl_only_values_need_sfl(cls, value: str, info: ValidationInfo) -> str:
         mode = info.data.get("mode", "sfl")
-        if value == "per_client" and mode != "sfl":
-            raise ValueError(f"'per_client' applies to mode 'sfl' only, not {mode!r}")
+        if value == SFL_ONLY[info.field_name] and mode != "sfl":
+            raise ValueError(f"{value!r} applies to mode 'sfl' only, not {mode!r}")
         return value
 
     @field_validator("length_penalty")
@@ -98,10 +101,14 @@ class TrainConfig(BaseModel):
         return self.model is None or self.data is None
 
 
+# Values of a field that only mode sfl supports
+SFL_ONLY = {"server_adapter": "per_client", "engine": "flower-sim"}
+
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.
 RESUMABLE_FIELDS = frozenset(
-    {"rounds", "generate", "generate_samples", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "threads"}
+    {"rounds", "generate", "generate_samples", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
+     "threads", "engine"}
 )
 
 

@@ -20,12 +20,14 @@ it is rewritten).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,7 @@ from sflllm.model import (
     max_positions,
     split_model,
 )
-from sflllm.sfl import Federation, Hyper, make_federation
+from sflllm.sfl import ClientState, Federation, Hyper, RoundEngine, make_federation
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -108,7 +110,7 @@ class _Run:
     config: TrainConfig
     split: SplitModel
     tokenizer: PreTrainedTokenizerBase
-    federation: Federation
+    federation: RoundEngine
     eval_tokens: TokenizedExamples
     generation_examples: list[Example]  # every reference of the first generate_samples held-out MRs
 
@@ -270,7 +272,38 @@ def prepare(config: TrainConfig) -> _Run:
         server_adapter=config.server_adapter,
     )
     federation = make_federation(split, client_data, hyper)
-    return _Run(config, split, tokenizer, federation, eval_tokens, generation_examples)
+    engine = flower_simulation(config, federation) if config.engine == "flower-sim" else federation
+    return _Run(config, split, tokenizer, engine, eval_tokens, generation_examples)
+
+
+FLOWER_HINT = 'pip install "sflllm[flower]"'
+
+
+def flower_simulation(config: TrainConfig, federation: Federation) -> RoundEngine:
+    """The run in Flower's Simulation Engine: ``federation`` serves the main server; every simulated
+    client rebuilds its part from ``config`` alone (:func:`flower_client`)."""
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
+        raise TrainInputError(f"engine: 'flower-sim' needs Flower and its simulation backend; {FLOWER_HINT}")
+    from sflllm.flower import FlowerSimulation
+
+    return FlowerSimulation(federation, functools.partial(flower_client, config.model_dump_json()))
+
+
+def flower_client(config_json: str, k: int) -> tuple[torch.nn.Module, ClientState]:
+    """Client k of a flower-sim run, built inside a simulation worker from the run's config: its part
+    of the split model and its client (data, fresh adapter and streams; the ClientApp loads its state)."""
+    run = _local_run(config_json)
+    return run.split.client, run.federation.clients[k]
+
+
+@functools.lru_cache(maxsize=2)
+def _local_run(config_json: str) -> _Run:
+    config = TrainConfig.model_validate({**json.loads(config_json), "engine": "local"})
+    run = prepare(config)
+    threads = intra_op_threads(config, run.split.full)
+    if threads is not None:
+        torch.set_num_threads(threads)  # the worker process runs this one client's work only
+    return run
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -433,7 +466,10 @@ def run_train(
         metrics = _initial_metrics(run)
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
-        return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
+        try:
+            return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
+        finally:
+            run.federation.close()
 
 
 def resume_train(
@@ -468,7 +504,10 @@ def resume_train(
         if done >= config.rounds:
             raise TrainInputError(f"resume: {out} already has {done} rounds; pass --rounds greater than {done}")
         write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
-        return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
+        try:
+            return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
+        finally:
+            run.federation.close()
 
 
 def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Console, show: bool) -> TrainResult:
@@ -481,6 +520,12 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
         f"{metrics['initial']['heldout_loss']:.4f}",
         highlight=False,
     )
+    if config.engine != "local":
+        start = time.perf_counter()
+        waiting = console.status(f"engine {config.engine}: starting {config.clients} clients") if show else nullcontext()
+        with waiting:
+            run.federation.start()  # outside the rounds' wall times
+        console.print(f"engine {config.engine}: started in {time.perf_counter() - start:.1f} s", highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not show) as bar:
         for r in range(len(metrics["rounds"]), config.rounds):

@@ -8,7 +8,7 @@ The protocol's steps (:mod:`sflllm.sfl.protocol`) exchange only the typed cut pa
 from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.client import Batch, ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast, fedavg
-from sflllm.sfl.federation import LOCAL_ITERATIONS, Federation, Hyper, make_federation
+from sflllm.sfl.federation import LOCAL_ITERATIONS, Federation, Hyper, RoundEngine, make_federation
 from sflllm.sfl.messages import CutActivations, CutGradients, CutSpec, check_activations, check_gradients
 from sflllm.sfl.protocol import (
     PendingBackward,
@@ -34,6 +34,7 @@ __all__ = [
     "Hyper",
     "PartyRng",
     "PendingBackward",
+    "RoundEngine",
     "aggregate_and_broadcast",
     "check_activations",
     "check_gradients",

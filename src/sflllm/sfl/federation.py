@@ -24,10 +24,11 @@ Client AdamW moments are local and are not averaged by FedAvg.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -110,11 +111,28 @@ def _check_client_data(client_data: list[TokenizedExamples]) -> None:
         seq_len = length
 
 
+class RoundEngine(Protocol):
+    """What a training loop needs from an engine that runs the protocol: :class:`Federation` (in
+    process) or ``sflllm.flower.FlowerSimulation``."""
+
+    def run_round(self, round_index: int, progress: Progress | None = None) -> dict: ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+    def load_global_adapter(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Federation:
     """K simulated clients, a main server and a federated server around ONE frozen split model.
 
-    Build with :func:`make_federation`.  Per party, the state is only LoRA tensors, AdamW state
-    and (for clients) a data cursor; the base model is shared by everyone.
+    Build with :func:`make_federation`.  Per party, the state is only LoRA tensors, AdamW state,
+    a random stream and (for clients) a data cursor; the base model is shared by everyone.
     """
 
     def __init__(self, split: SplitModel, client_data: list[TokenizedExamples], hyper: Hyper) -> None:
@@ -185,12 +203,7 @@ class Federation:
         """
         losses = self.local_iterations(progress)
         self.aggregate()
-        return {
-            "round": round_index,
-            "train_loss": sum(losses) / len(losses),
-            "samples": self.hyper.local_steps * self.hyper.batch_size * self.num_clients,
-            "local_steps": self.hyper.local_steps,
-        }
+        return round_stats(round_index, losses, self.hyper, self.num_clients)
 
     def local_iterations(self, progress: Progress | None = None) -> list[float]:
         """The training part of a round, without aggregation; returns every batch loss of the round.
@@ -198,13 +211,8 @@ class Federation:
         Runs in train mode, every party on its own random stream; the caller's RNG state and the
         model's train/eval mode are restored afterwards.
         """
-        modes = [(module, module.training) for module in self.split.full.modules()]
-        self.split.full.train()
-        try:
+        with training(self.split.full):
             return LOCAL_ITERATIONS[self.hyper.mode](self, progress)
-        finally:
-            for module, training in modes:
-                module.training = training
 
     def aggregate(self) -> None:
         """Federated server: FedAvg (weights D_k) of the client adapters, and of the server adapters
@@ -226,6 +234,12 @@ class Federation:
             for name, t in adapter.tensors.items():
                 params[name].copy_(t)
 
+    def start(self) -> None:
+        """Nothing to start in process (the :class:`RoundEngine` interface)."""
+
+    def close(self) -> None:
+        """Nothing to release in process (the :class:`RoundEngine` interface)."""
+
     # ---------------------------------------------------------------- state
     def _live_state(self) -> dict[str, Tensor]:
         state: dict[str, Tensor] = {}
@@ -240,38 +254,21 @@ class Federation:
         adapters, AdamW moments and step counts, data cursors ``(epoch, position)`` and every party's RNG state."""
         state = {name: t.detach().clone() for name, t in self._live_state().items()}
         for k, client in enumerate(self.clients):
-            state[f"cursor.{k}"] = torch.tensor([client.cursor.epoch, client.cursor.position], dtype=torch.int64)
-            state[f"rng.client.{k}"] = client.rng.state.clone()
+            state |= stream_state(k, client)
         state["rng.main_server"] = self.server_rng.state.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore a :meth:`state_dict`; raises ValueError naming the first missing, unexpected or
         mis-shaped/mis-typed key.  Nothing is changed unless the whole state validates."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing:
-            raise ValueError(f"federation state is missing key {missing[0]!r} ({len(missing)} missing)")
-        if unexpected:
-            raise ValueError(f"federation state has unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-        for name, ref in expected.items():
-            got = state[name]
-            if not isinstance(got, Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
-                desc = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, Tensor) else type(got).__name__
-                raise ValueError(f"federation state key {name!r}: expected {tuple(ref.shape)} {ref.dtype}, got {desc}")
+        check_state(state, self.state_dict(), "federation state")
         for k, client in enumerate(self.clients):
-            epoch, position = (int(v) for v in state[f"cursor.{k}"])
-            if epoch < 0 or not 0 <= position < client.num_examples:
-                raise ValueError(f"federation state key 'cursor.{k}': invalid cursor (epoch {epoch}, "
-                                 f"position {position}) for {client.num_examples} examples")
+            check_cursor(state, k, client)
         with torch.no_grad():
             for name, live in self._live_state().items():
                 live.copy_(state[name])
         for k, client in enumerate(self.clients):
-            epoch, position = (int(v) for v in state[f"cursor.{k}"])
-            client.cursor = Cursor(epoch, position)
-            client.rng.state = state[f"rng.client.{k}"].clone()
+            load_stream_state(state, k, client)
         self.server_rng.state = state["rng.main_server"].clone()
 
 
@@ -317,6 +314,83 @@ LOCAL_ITERATIONS: dict[str, Callable[[Federation, Progress | None], list[float]]
 """The training part of one round, per mode: one interface, one function per mode."""
 
 
+def round_stats(round_index: int, losses: list[float], hyper: Hyper, num_clients: int) -> dict:
+    """What a round reports: ``{"round", "train_loss", "samples", "local_steps"}``; ``train_loss`` is the
+    mean of the round's per-batch LM losses (iterations and clients)."""
+    return {
+        "round": round_index,
+        "train_loss": sum(losses) / len(losses),
+        "samples": hyper.local_steps * hyper.batch_size * num_clients,
+        "local_steps": hyper.local_steps,
+    }
+
+
+@contextmanager
+def training(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in train mode (dropout on); every module's mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def check_state(state: Mapping[str, object], expected: Mapping[str, Tensor], what: str) -> None:
+    """ValueError naming the first missing, unexpected or mis-shaped/mis-typed key of ``state``
+    (``what`` names the state in the message) against the tensors ``expected``."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"{what} is missing key {missing[0]!r} ({len(missing)} missing)")
+    if unexpected:
+        raise ValueError(f"{what} has unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+    for name, ref in expected.items():
+        got = state[name]
+        if not isinstance(got, Tensor) or got.shape != ref.shape or got.dtype != ref.dtype:
+            desc = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(f"{what} key {name!r}: expected {tuple(ref.shape)} {ref.dtype}, got {desc}")
+
+
+def stream_state(k: int, client: ClientState) -> dict[str, Tensor]:
+    """Client k's data cursor ``(epoch, position)`` and RNG state, under their :meth:`Federation.state_dict` names."""
+    return {
+        f"cursor.{k}": torch.tensor([client.cursor.epoch, client.cursor.position], dtype=torch.int64),
+        f"rng.client.{k}": client.rng.state.clone(),
+    }
+
+
+def client_state(k: int, client: ClientState) -> dict[str, Tensor]:
+    """Everything client k holds (copies): adapter, AdamW state, cursor, RNG; its part of the
+    :meth:`Federation.state_dict` of modes with one adapter per client (sfl, fl)."""
+    state = {name: t.detach().clone() for name, t in client.adapter.live_state(f"client.{k}").items()}
+    return state | stream_state(k, client)
+
+
+def check_cursor(state: Mapping[str, Tensor], k: int, client: ClientState) -> None:
+    epoch, position = (int(v) for v in state[f"cursor.{k}"])
+    if epoch < 0 or not 0 <= position < client.num_examples:
+        raise ValueError(f"federation state key 'cursor.{k}': invalid cursor (epoch {epoch}, "
+                         f"position {position}) for {client.num_examples} examples")
+
+
+def load_stream_state(state: Mapping[str, Tensor], k: int, client: ClientState) -> None:
+    epoch, position = (int(v) for v in state[f"cursor.{k}"])
+    client.cursor = Cursor(epoch, position)
+    client.rng.state = state[f"rng.client.{k}"].clone()
+
+
+def load_client_state(state: Mapping[str, Tensor], k: int, client: ClientState) -> None:
+    """Restore :func:`client_state` into ``client`` (validated first: nothing changes on error)."""
+    check_state(state, client_state(k, client), f"client {k} state")
+    check_cursor(state, k, client)
+    with torch.no_grad():
+        for name, live in client.adapter.live_state(f"client.{k}").items():
+            live.copy_(state[name])
+    load_stream_state(state, k, client)
+
+
 def _report(progress: Progress | None, done: int, total: int) -> None:
     if progress is not None:
         progress(done, total)
@@ -330,4 +404,4 @@ def make_federation(split: SplitModel, client_data: list[TokenizedExamples], hyp
     return Federation(split, client_data, hyper)
 
 
-__all__ = ["LOCAL_ITERATIONS", "Federation", "Hyper", "make_federation"]
+__all__ = ["LOCAL_ITERATIONS", "Federation", "Hyper", "RoundEngine", "check_state", "client_state", "load_client_state", "make_federation", "round_stats", "training"]
