@@ -90,7 +90,7 @@ def train(**options: Any) -> None:
     from rich.console import Console
 
     from sflllm.experiments.config import TrainInputError, read_config_file, resolve_config
-    from sflllm.experiments.run_dir import check_new_output_dir, default_output_dir
+    from sflllm.experiments.run_dir import check_new_output_dir, check_resumable, default_output_dir
     from sflllm.files import FileInputError
 
     config, output, resume, force, quiet = (options.pop(k) for k in ("config", "output", "resume", "force", "quiet"))
@@ -103,6 +103,7 @@ def train(**options: Any) -> None:
         if resume is not None:
             if config is not None or output is not None:
                 raise TrainInputError("--resume continues the run in DIR with its config.yaml; drop --config/--output")
+            check_resumable(resume)
         else:
             file_values = read_config_file(config) if config is not None else {}
             cfg = resolve_config(file_values, flags, source=str(config) if config else "options")

@@ -39,3 +39,9 @@ def check_new_output_dir(out: Path) -> None:
         check_creatable_dir(out, "output")
     except FileInputError as e:
         raise TrainInputError(str(e)) from None
+
+
+def check_resumable(out: Path) -> None:
+    """Raise TrainInputError unless ``out`` holds a run of ``sflllm train`` (its config.yaml)."""
+    if not (out / CONFIG_FILE).is_file():
+        raise TrainInputError(f"resume: {out / CONFIG_FILE} not found; is {out} the output of `sflllm train`?")

@@ -75,7 +75,13 @@ from sflllm.model import (
 )
 from sflllm.experiments.divergence import check_finite, diverged_message, unchanged
 from sflllm.experiments.memory import available_memory, estimate_peak_memory, memory_advice
-from sflllm.experiments.run_dir import CONFIG_FILE, STATE_FILE, check_new_output_dir, default_output_dir
+from sflllm.experiments.run_dir import (
+    CONFIG_FILE,
+    STATE_FILE,
+    check_new_output_dir,
+    check_resumable,
+    default_output_dir,
+)
 from sflllm.files import ensure_output_dir, write_atomic
 from sflllm.sfl import Federation, Hyper, make_federation
 
@@ -501,9 +507,9 @@ def resume_train(
     checkpoint (``DIR`` holds config.yaml, and metrics.json if it diverged) starts again from round 1.
     """
     out = Path(output_dir)
+    check_resumable(out)
     # a run stopped during its first round has no state: resuming starts it afresh
-    first_round = out.is_dir() and {p.name for p in out.iterdir()} <= {CONFIG_FILE, METRICS_FILE} \
-        and (out / CONFIG_FILE).is_file()
+    first_round = {p.name for p in out.iterdir()} <= {CONFIG_FILE, METRICS_FILE}
     if not first_round and not (out / STATE_FILE).is_file():
         raise TrainInputError(f"resume: {out / STATE_FILE} not found; is {out} the output of `sflllm train`?")
     saved = read_config_file(out / CONFIG_FILE)
