@@ -346,3 +346,18 @@ def test_scenario_loader_refuses_aliases_in_process(tmp_path):
     path.write_text("clients: {count: &k 3}\nseed: *k\n")
     with pytest.raises(ScenarioError, match=r"line 2, column 7: alias \*k refused"):
         load_scenario(path)
+
+
+def test_long_values_are_echoed_cut_short(tmp_path):
+    line = _one_error_line(_cli("train", "--model", "x" * 5000, "--output", tmp_path / "run"), "model")
+    assert len(line) < 600, len(line)
+    line = _one_error_line(_cli("train", "--seq-len", "2", "--output", tmp_path / "run"), "seq_len", "'auto'")
+
+
+def test_the_demo_hint_runs_the_readme_examples():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    hint = train_mod.REAL_RUN_HINT
+    for flag in ("--data", "--eval-data", "--model"):
+        for value in hint.split(flag + " ")[1:]:
+            assert f"{flag} {value.split()[0].rstrip('`')}" in readme, (flag, value.split()[0])
+    assert "--seq-len" not in hint  # the default (auto) fits the data

@@ -85,6 +85,17 @@ class TrainConfig(BaseModel):
         None, ge=1, description="torch intra-op threads; None: 1 for narrow models (hidden size <= 256), torch's default otherwise"
     )
 
+    @field_validator("seq_len", mode="wrap")
+    @classmethod
+    def _seq_len_or_auto(cls, value: Any, handler: Any) -> int | str:
+        try:
+            checked = handler(value)
+        except ValidationError:
+            checked = None
+        if checked != "auto" and (not isinstance(checked, int) or checked < 4):
+            raise ValueError(f"expected an integer >= 4 or 'auto', got {echo(value)}")
+        return checked
+
     @field_validator("server_adapter")
     @classmethod
     def _per_client_server_needs_sfl(cls, value: str, info: ValidationInfo) -> str:

@@ -82,7 +82,7 @@ from sflllm.experiments.run_dir import (
     check_resumable,
     default_output_dir,
 )
-from sflllm.files import ensure_output_dir, write_atomic
+from sflllm.files import MAX_ECHO_CHARS, ensure_output_dir, write_atomic
 from sflllm.sfl import Federation, Hyper, make_federation
 
 METRICS_FILE = "metrics.json"
@@ -660,7 +660,10 @@ def _demo_what(config: TrainConfig) -> str:
 
 
 def _naming(message: str, field: str, value: str) -> str:
-    """``message`` prefixed so that it names both the option ``field`` and its ``value`` once."""
+    """``message`` prefixed so that it names both the option ``field`` and its ``value`` once (a long
+    value cut to MAX_ECHO_CHARS)."""
+    if len(value) > MAX_ECHO_CHARS:
+        message, value = message.replace(value, f"{value[:MAX_ECHO_CHARS]}..."), f"{value[:MAX_ECHO_CHARS]}..."
     if value not in message:
         return f"{field} {value!r}: {message}"
     return message if message.startswith(field) else f"{field}: {message}"
