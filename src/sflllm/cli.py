@@ -66,9 +66,8 @@ def _train_option(name: str, field: FieldInfo) -> inspect.Parameter:
 
 
 def _run_options() -> list[inspect.Parameter]:
-    """The options of ``sflllm train`` that are not TrainConfig fields."""
+    """The options of ``sflllm train`` that are not TrainConfig fields (after them in --help)."""
     options = {
-        "config": (Path | None, typer.Option("--config", help="YAML 1.2 file of TrainConfig fields; flags override it."), None),
         "output": (Path | None, typer.Option(help="Output dir.", show_default="runs/<timestamp>"), None),
         "resume": (Path | None, typer.Option(help="Continue the run in this output dir (e.g. with a larger --rounds, or a lower --lr after divergence)."), None),
         "force": (bool, typer.Option("--force", help="Train even where the peak memory estimate exceeds the available memory."), False),
@@ -82,8 +81,7 @@ def train(**options: Any) -> None:
     """Fine-tune with split federated LoRA; writes metrics.json, config.yaml and safetensors checkpoints.
 
     Without --model and --data this runs an offline demo (tiny built-in model, synthetic data).
-    Every option is a TrainConfig field (YAML key = option name with underscores), except --config,
-    --output, --resume, --force and --quiet.
+    Every option but --config, --output, --resume, --force and --quiet is a TrainConfig field (a key of --config).
     """
     import warnings
 
@@ -136,8 +134,12 @@ def train(**options: Any) -> None:
             raise typer.Exit(code=130) from None
 
 
+_CONFIG_OPTION = inspect.Parameter(
+    "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[Path | None, typer.Option("--config", help="YAML 1.2 file of TrainConfig fields; flags override it.")],
+)
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [*(_train_option(name, field) for name, field in TrainConfig.model_fields.items()), *_run_options()]
+    [_CONFIG_OPTION, *(_train_option(name, field) for name, field in TrainConfig.model_fields.items()), *_run_options()]
 )
 app.command()(train)
 

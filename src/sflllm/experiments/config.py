@@ -34,10 +34,10 @@ class TrainConfig(BaseModel):
         None, description="training data: .csv (mr,ref), .jsonl or hub dataset; None: synthetic E2E-style data"
     )
     eval_data: str | None = Field(None, description="held-out data; None: held-out MRs of the training data")
-    train_samples: int | None = Field(None, ge=1, description="use at most this many training examples")
+    train_samples: int | None = Field(None, ge=1, description="use at most this many training examples; None: all")
 
     # the protocol (spec section 1)
-    mode: Literal["sfl", "centralized", "fl", "sl"] = Field("sfl", description="sfl | centralized | fl | sl")
+    mode: Literal["sfl", "centralized", "fl", "sl"] = Field("sfl", description="one of sfl, centralized, fl, sl")
     clients: int = Field(3, ge=1, description="number of clients K")
     split_layer: int = Field(1, ge=1, description="blocks 1..split_layer run on the clients")
     rank: int = Field(4, ge=1, description="LoRA rank r")
@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     lora_targets: list[str] | None = Field(
         None, min_length=1, description="comma-separated LoRA target modules; None: the model type's default"
     )
-    server_adapter: Literal["shared", "per_client"] = Field("shared", description="shared | per_client")
+    server_adapter: Literal["shared", "per_client"] = Field("shared", description="one of shared, per_client")
     local_steps: int = Field(6, ge=1, description="local iterations I per round")
     rounds: int = Field(6, ge=1, description="training rounds (with --resume: the new total)")
     batch_size: int = Field(8, ge=1, description="mini-batch size b per client")
@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of everything")
 
     # how the training pool is split across clients
-    partition: Literal["iid", "dirichlet"] = Field("iid", description="iid | dirichlet")
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="one of iid, dirichlet")
     dirichlet_alpha: float = Field(
         0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (smaller: more skew)"
     )

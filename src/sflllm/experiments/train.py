@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sflllm import __version__
+from sflllm.cost.profile import profile_from_config
 from sflllm.data import (
     Example,
     TokenizedExamples,
@@ -47,7 +48,6 @@ from sflllm.data import (
     synthetic_examples,
     tokenize,
 )
-from sflllm.cost.profile import profile_from_config
 from sflllm.experiments.checkpoint import (
     check_same_tensors,
     read_safetensors,
@@ -62,6 +62,16 @@ from sflllm.experiments.config import (
     read_config_file,
     resolve_config,
 )
+from sflllm.experiments.divergence import check_finite, diverged_message, unchanged
+from sflllm.experiments.memory import available_memory, estimate_peak_memory, memory_advice
+from sflllm.experiments.run_dir import (
+    CONFIG_FILE,
+    STATE_FILE,
+    check_new_output_dir,
+    check_resumable,
+    default_output_dir,
+)
+from sflllm.files import MAX_ECHO_CHARS, ensure_output_dir, write_atomic
 from sflllm.model import (
     SplitModel,
     attach_lora,
@@ -73,16 +83,6 @@ from sflllm.model import (
     smallest_target_dimension,
     split_model,
 )
-from sflllm.experiments.divergence import check_finite, diverged_message, unchanged
-from sflllm.experiments.memory import available_memory, estimate_peak_memory, memory_advice
-from sflllm.experiments.run_dir import (
-    CONFIG_FILE,
-    STATE_FILE,
-    check_new_output_dir,
-    check_resumable,
-    default_output_dir,
-)
-from sflllm.files import MAX_ECHO_CHARS, ensure_output_dir, write_atomic
 from sflllm.sfl import Federation, Hyper, make_federation
 
 METRICS_FILE = "metrics.json"
@@ -538,11 +538,11 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
     config = run.config
     if config.is_demo:
         console.print(f"[bold yellow]demo:[/] {_demo_what(config)}; {REAL_RUN_HINT}", highlight=False)
+    auto = " (auto: the longest training example, at most the model's positions)" if config.seq_len == "auto" else ""
     console.print(
         f"training {config.mode} | K={config.clients} clients, split_layer={config.split_layer}, rank={config.rank}, "
-        f"local_steps={config.local_steps}, rounds={config.rounds}, seq_len={run.seq_len}"
-        f"{' (auto: fits the longest training example, at most the model positions)' if config.seq_len == 'auto' else ''} | held-out loss before training "
-        f"{metrics['initial']['heldout_loss']:.4f}",
+        f"local_steps={config.local_steps}, rounds={config.rounds}, seq_len={run.seq_len}{auto} | "
+        f"held-out loss before training {metrics['initial']['heldout_loss']:.4f}",
         highlight=False,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
