@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
 from pydantic.fields import FieldInfo
@@ -51,11 +51,11 @@ def _train_option(name: str, field: FieldInfo) -> inspect.Parameter:
     """
     annotation = field.annotation
     flag = (field.json_schema_extra or {}).get("flag") or "--" + name.replace("_", "-")
-    if annotation is bool:
+    if annotation in (bool, bool | None):
         flag = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
         kind: type = bool
-    else:
-        kind = next((t for t in (int, float) if annotation in (t, t | None)), str)  # Literal, lists, "auto": str
+    else:  # Literal choices, "auto" and comma-separated lists are strings; pydantic checks them
+        kind = next((t for t in (int, float) if annotation in (t, t | None)), str)
     help_text, default = field.description or "", field.default
     if default is None and "; None: " in help_text:
         help_text, default = help_text.split("; None: ", 1)
@@ -63,6 +63,11 @@ def _train_option(name: str, field: FieldInfo) -> inspect.Parameter:
     option = typer.Option(flag, help=help_text[:1].upper() + help_text[1:] + ".", show_default=shown)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[kind | None, option])
+
+
+def _is_list(annotation: Any) -> bool:
+    """True for ``list[...]`` and ``list[...] | None``."""
+    return any(get_origin(t) is list for t in (annotation, *get_args(annotation)))
 
 
 def _run_options() -> list[inspect.Parameter]:
@@ -93,8 +98,9 @@ def train(**options: Any) -> None:
 
     config, output, resume, force, quiet = (options.pop(k) for k in ("config", "output", "resume", "force", "quiet"))
     flags = {k: v for k, v in options.items() if v is not None}
-    if isinstance(flags.get("lora_targets"), str):
-        flags["lora_targets"] = [t.strip() for t in flags["lora_targets"].split(",") if t.strip()]
+    for name, value in flags.items():  # list fields (lora_targets) are given comma-separated
+        if _is_list(TrainConfig.model_fields[name].annotation):
+            flags[name] = [item.strip() for item in value.split(",") if item.strip()]
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         # options, config file and output folder first: their errors come before torch loads (~5 s)
