@@ -24,8 +24,9 @@ def _load(tmp_path, text: str, name: str = "scenario.yaml") -> Scenario:
     return load_scenario(path)
 
 
-def test_empty_file_gets_every_spec_default(tmp_path):
-    s = _load(tmp_path, "")
+def test_empty_file_gets_every_spec_default_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match=r"scenario \S+ is empty: every field takes its default"):
+        s = _load(tmp_path, "")
     assert s == Scenario()
     assert (s.seed, s.model.preset, s.model.seq_len, s.model.lora_targets) == (0, "gpt2", 512, None)
     assert (s.training.batch_size, s.training.local_steps, s.training.ranks) == (8, 20, [1, 2, 4, 8, 16])
@@ -102,9 +103,9 @@ def test_errors_name_the_field(tmp_path, text, field):
 
 
 def test_invalid_yaml_and_missing_file_are_named(tmp_path):
-    with pytest.raises(ScenarioError, match="scenario: invalid YAML"):
+    with pytest.raises(ScenarioError, match=r"^scenario \S+scenario.yaml: invalid YAML at line 1"):
         _load(tmp_path, "clients: {count: 3")
-    with pytest.raises(ScenarioError, match="scenario: file not found"):
+    with pytest.raises(ScenarioError, match=r"^scenario \S+nope.yaml: file not found"):
         load_scenario(tmp_path / "nope.yaml")
 
 

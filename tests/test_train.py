@@ -82,7 +82,7 @@ def test_offline_default_runs_end_to_end_without_any_hub(tmp_path, monkeypatch):
     assert metrics["schema"] == "sflllm.train.metrics/1" and metrics["demo"] is True and metrics["mode"] == "sfl"
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for r in metrics["rounds"]:
-        assert set(r) == {"round", "train_loss", "heldout_loss", "samples", "wall_time_s"}
+        assert set(r) == {"round", "train_loss", "heldout_loss", "samples", "wall_time_s", "lr"}
         assert r["samples"] == 3 * 3 * 8  # K * I * b with the defaults K=3, b=8
         assert r["wall_time_s"] > 0 and math.isfinite(r["train_loss"])
     final = metrics["final"]
@@ -283,7 +283,9 @@ def test_existing_output_is_never_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    _assert_clean_error(_train(*TINY_FLAGS, "--rounds", "1", "--output", str(out)), "already exists", "--resume")
+    result = _train(*TINY_FLAGS, "--rounds", "1", "--output", str(out))
+    _assert_clean_error(result, str(out), "other files", "choose another")
+    assert "--resume" not in result.output  # it is not a run: suggest another folder, not resuming it
     assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
 
 
@@ -356,7 +358,7 @@ def test_resume_cli_rejects_changed_training_flags(tmp_path, finished_run):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    _assert_clean_error(_train("--resume", str(run), "--rounds", "2", "--lr", "0.5"), "lr cannot change")
+    _assert_clean_error(_train("--resume", str(run), "--rounds", "2", "--rank", "8"), "rank cannot change")
     _assert_clean_error(_train("--resume", str(run), "--output", str(tmp_path / "x")), "--resume")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert not (tmp_path / "x").exists()

@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sflllm.experiments.checkpoint as checkpoint
-from sflllm.experiments.checkpoint import read_safetensors, write_atomic, write_safetensors_atomic
+import sflllm.files
+from sflllm.experiments.checkpoint import read_safetensors, write_safetensors_atomic
 from sflllm.experiments.config import TrainInputError
+from sflllm.files import FileInputError, write_atomic
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.uint8]
 
@@ -44,8 +45,8 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(sflllm.files.os, "fsync", broken_fsync)
+    with pytest.raises(FileInputError, match=f"cannot write {path}: No space left on device"):
         write_atomic(path, b"new")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["metrics.json"]

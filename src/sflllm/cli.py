@@ -1,14 +1,21 @@
 """Thin command-line layer: parse options, hand them to ``sflllm.experiments``.
 
-Implementations are imported inside each command so that ``sflllm optimize`` never imports torch.
+Implementations are imported inside each command so that ``sflllm optimize`` never imports torch,
+and ``sflllm train`` checks its options, config file and output folder before torch loads.
+The options of ``sflllm train`` are derived from ``TrainConfig``: each field's name, type, default
+and description are declared once, there.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
+
+from sflllm.experiments.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -19,92 +26,128 @@ app = typer.Typer(
 # `sflllm train` is defined in this file by the SFL-engine work; `sflllm optimize` by the optimiser work.
 
 
+def _version(value: bool) -> None:
+    if value:
+        from sflllm import __version__
+
+        print(f"sflllm {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """sflllm: split federated LoRA fine-tuning over communication networks."""
 
 
-@app.command()
-def train(
-    config: Annotated[Path | None, typer.Option("--config", help="YAML 1.2 file of TrainConfig fields; flags override it.")] = None,
-    model: Annotated[str | None, typer.Option(help="HF model name or local dir (default: built-in tiny demo model).")] = None,
-    data: Annotated[str | None, typer.Option(help="Training data: .csv (mr,ref), .jsonl or hub dataset (default: synthetic E2E-style).")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Held-out data (default: held-out MRs of --data).")] = None,
-    train_samples: Annotated[int | None, typer.Option(help="Use at most this many training examples.")] = None,
-    mode: Annotated[str | None, typer.Option(help="sfl | centralized | fl | sl.")] = None,
-    clients: Annotated[int | None, typer.Option(help="Number of clients K.")] = None,
-    split_layer: Annotated[int | None, typer.Option(help="Blocks 1..split_layer run on the clients.")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank r.")] = None,
-    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha.")] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
-    lora_targets: Annotated[str | None, typer.Option(help="Comma-separated LoRA target modules (default: per model type).")] = None,
-    server_adapter: Annotated[str | None, typer.Option(help="shared | per_client.")] = None,
-    local_steps: Annotated[int | None, typer.Option(help="Local iterations I per round.")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Training rounds (with --resume: the new total).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size b per client.")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Sequence length s in tokens.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of everything.")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | dirichlet.")] = None,
-    dirichlet_alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller: more skew).")] = None,
-    partition_attribute: Annotated[str | None, typer.Option(help="MR slot the Dirichlet partition skews on.")] = None,
-    keep_mr_together: Annotated[bool | None, typer.Option("--keep-mr-together/--split-mrs", help="Keep all references of one MR on one client (default) or split them.")] = None,
-    eval_samples: Annotated[int | None, typer.Option(help="Held-out examples for the held-out loss.")] = None,
-    generate: Annotated[bool | None, typer.Option("--generate/--no-generate", help="Generate for held-out MRs and score BLEU, NIST, METEOR, ROUGE-L, CIDEr (as the official E2E scorer).")] = None,
-    generate_samples: Annotated[int | None, typer.Option(help="Distinct held-out MRs to generate for.")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beams for generation (default 1: greedy; LoRA's E2E setup: 10).")] = None,
-    length_penalty: Annotated[float | None, typer.Option(help="Beam-search length penalty (LoRA's E2E setup: 0.8).")] = None,
-    no_repeat_ngram_size: Annotated[int | None, typer.Option(help="Never repeat an n-gram of this size; 0: off (LoRA's E2E setup: 4).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest generation in tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: 1 for models of hidden size <= 256, else torch's default).")] = None,
-    engine: Annotated[str | None, typer.Option(help="local | flower-sim (Flower Simulation Engine; needs the flower extra).")] = None,
-    output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this output dir (e.g. with a larger --rounds).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-) -> None:
+def _train_option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The ``--name`` option of one TrainConfig field: its type, help and default come from the field.
+
+    Every option defaults to None (not given), so that only the flags a user passes override the
+    ``--config`` file; the help shows the field's own default.
+    """
+    annotation = field.annotation
+    flag = (field.json_schema_extra or {}).get("flag") or "--" + name.replace("_", "-")
+    if annotation in (bool, bool | None):
+        flag = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+        kind: type = bool
+    else:  # Literal choices, "auto" and comma-separated lists are strings; pydantic checks them
+        kind = next((t for t in (int, float) if annotation in (t, t | None)), str)
+    help_text, default = field.description or "", field.default
+    if default is None and "; None: " in help_text:
+        help_text, default = help_text.split("; None: ", 1)
+    shown = str(default).lower() if isinstance(default, bool) else str(default)
+    option = typer.Option(flag, help=help_text[:1].upper() + help_text[1:] + ".", show_default=shown)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[kind | None, option])
+
+
+def _is_list(annotation: Any) -> bool:
+    """True for ``list[...]`` and ``list[...] | None``."""
+    return any(get_origin(t) is list for t in (annotation, *get_args(annotation)))
+
+
+def _run_options() -> list[inspect.Parameter]:
+    """The options of ``sflllm train`` that are not TrainConfig fields (after them in --help)."""
+    options = {
+        "output": (Path | None, typer.Option(help="Output dir.", show_default="runs/<timestamp>"), None),
+        "resume": (Path | None, typer.Option(help="Continue the run in this output dir (e.g. with a larger --rounds, or a lower --lr after divergence)."), None),
+        "force": (bool, typer.Option("--force", help="Train even where the peak memory estimate exceeds the available memory."), False),
+        "quiet": (bool, typer.Option("--quiet", help="No progress bars."), False),
+    }
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+            for name, (kind, option, default) in options.items()]
+
+
+def train(**options: Any) -> None:
     """Fine-tune with split federated LoRA; writes metrics.json, config.yaml and safetensors checkpoints.
 
     Without --model and --data this runs an offline demo (tiny built-in model, synthetic data).
+    Every option but --config, --output, --resume, --force and --quiet is a TrainConfig field (a key of --config).
     """
-    flags = {k: v for k, v in locals().items() if k not in _NOT_CONFIG_FIELDS and v is not None}
     import warnings
 
     from rich.console import Console
 
     from sflllm.experiments.config import TrainInputError, read_config_file, resolve_config
+    from sflllm.experiments.run_dir import check_new_output_dir, check_resumable, default_output_dir
+    from sflllm.files import FileInputError
 
-    if lora_targets is not None:
-        flags["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    config, output, resume, force, quiet = (options.pop(k) for k in ("config", "output", "resume", "force", "quiet"))
+    flags = {k: v for k, v in options.items() if v is not None}
+    for name, value in flags.items():  # list fields (lora_targets) are given comma-separated
+        if _is_list(TrainConfig.model_fields[name].annotation):
+            flags[name] = [item.strip() for item in value.split(",") if item.strip()]
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    try:
+        # options, config file and output folder first: their errors come before torch loads (~5 s)
+        if resume is not None:
+            if config is not None or output is not None:
+                raise TrainInputError("--resume continues the run in DIR with its config.yaml; drop --config/--output")
+            check_resumable(resume)
+        else:
+            file_values = read_config_file(config) if config is not None else {}
+            cfg = resolve_config(file_values, flags, source=str(config) if config else "options")
+            output = output if output is not None else default_output_dir()
+            check_new_output_dir(output)
+    except TrainInputError as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(code=2) from None
     if quiet:  # also the weight-loading and download bars of transformers / huggingface_hub (process-wide)
         import huggingface_hub.utils
         import transformers.utils.logging
 
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
-    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    from sflllm.experiments.train import TrainInterrupted, resume_train, run_train
+
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}", markup=False)
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations peft triggers
         try:
             if resume is not None:
-                if config is not None or output is not None:
-                    raise TrainInputError("--resume continues the run in DIR with its config.yaml; drop --config/--output")
-                from sflllm.experiments.train import resume_train
-
-                resume_train(resume, flags, progress=not quiet)
+                resume_train(resume, flags, progress=not quiet, force=force)
             else:
-                from sflllm.experiments.train import run_train
-
-                file_values = read_config_file(config) if config is not None else {}
-                cfg = resolve_config(file_values, flags, source=str(config) if config else "options")
-                run_train(cfg, output, progress=not quiet)
-        except TrainInputError as e:
+                run_train(cfg, output, progress=not quiet, force=force)
+        except (TrainInputError, FileInputError) as e:
             err.print(f"error: {e}", markup=False)
             raise typer.Exit(code=2) from None
+        except TrainInterrupted as e:
+            err.print(str(e), markup=False)
+            raise typer.Exit(code=130) from None
 
 
-_NOT_CONFIG_FIELDS = frozenset({"config", "output", "resume", "quiet", "lora_targets"})
+_CONFIG_OPTION = inspect.Parameter(
+    "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[Path | None, typer.Option("--config", help="YAML 1.2 file of TrainConfig fields; flags override it.")],
+)
+train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_CONFIG_OPTION, *(_train_option(name, field) for name, field in TrainConfig.model_fields.items()), *_run_options()]
+)
+app.command()(train)
 
 
 @app.command()
@@ -141,18 +184,22 @@ def optimize(
 ) -> None:
     """Jointly optimise subchannels, power, split layer and LoRA rank to minimise the training delay."""
     import os
+    import sys
+    import warnings
 
     # The optimiser's arrays are tiny (K x M): BLAS threads only cost start-up CPU (set before numpy loads).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from sflllm.experiments.optimize import OptimizeInputError, print_run, run_optimize
 
-    try:
-        run = run_optimize(scenario, method=method, plot_dir=plot, save_realised=save_realised)
-    except OptimizeInputError as e:
-        from rich.console import Console
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        try:
+            run = run_optimize(scenario, method=method, plot_dir=plot, save_realised=save_realised)
+        except OptimizeInputError as e:
+            from rich.console import Console
 
-        Console(stderr=True).print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+            Console(stderr=True).print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
     print_run(run, as_json=as_json)
 
 

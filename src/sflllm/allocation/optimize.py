@@ -468,8 +468,16 @@ def check_exact_size(problem: Problem) -> None:
             raise MethodError(
                 f"--method exact: {field_name} = {M} with clients.count = {K} is too large to solve exactly "
                 f"(K*3^M = {link_solver.exact_work(K, M):.3g} steps per test, limit "
-                f"{link_solver.EXACT_MAX_WORK:.3g}: e.g. at most 12 subchannels for 4 clients, 10 for 37); "
-                "lower them or use --method proposed")
+                f"{link_solver.EXACT_MAX_WORK:.3g}: {_exact_hint(K)}); use --method proposed")
+
+
+def _exact_hint(K: int) -> str:
+    """What the exact solver accepts with K clients; every client needs a subchannel (M >= K)."""
+    most = max((m for m in range(K, 64) if link_solver.exact_size_ok(K, m)), default=None)
+    if most is not None:
+        return f"at most {most} subchannels for {K} clients"
+    clients = max(k for k in range(1, 64) if link_solver.exact_size_ok(k, k))
+    return f"{K} clients need {K} subchannels at least, too many; at most {clients} clients can be solved exactly"
 
 
 def optimise(realised: Realised, method: str = "proposed") -> Outcome:

@@ -12,8 +12,7 @@ Errors are ``ScenarioError`` (a ``ValueError``) whose message starts with the do
 from __future__ import annotations
 
 import io
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator, model_validator
 
 from sflllm.cost.profile import ModelProfile, client_memory_bytes, preset_profile, profile_from_hf_config
+from sflllm.files import MAX_ECHO_CHARS, FileInputError, echo, load_yaml, yaml_engine
 from sflllm.network.channels import draw_fading, large_scale_gain, noise_w_per_hz
 
 
@@ -65,7 +65,7 @@ def _one_clear_error(kind: str):
         try:
             return handler(value)
         except ValidationError:
-            raise ValueError(f"expected {kind}, got {value!r}") from None
+            raise ValueError(f"expected {kind}, got {echo(value)}") from None
 
     return WrapValidator(validate)
 
@@ -113,9 +113,9 @@ def _rank_keys(rounds: dict) -> dict:
         elif isinstance(key, int) and not isinstance(key, bool):
             rank = key
         else:
-            raise ValueError(f"key {key!r} is not a rank (an integer, or a string of digits)")
+            raise ValueError(f"key {echo(key)} is not a rank (an integer, or a string of digits)")
         if rank in seen:
-            raise ValueError(f"rank {rank} is given twice (keys {seen[rank]!r} and {key!r})")
+            raise ValueError(f"rank {rank} is given twice (keys {echo(seen[rank])} and {echo(key)})")
         seen[rank], out[rank] = key, value
     return out
 
@@ -207,9 +207,8 @@ class Scenario(_Section):
 # ----------------------------------------------------------------------------------------- loading
 
 def _yaml():
-    from ruamel.yaml import YAML
-
-    yaml = YAML(typ="safe", pure=True)  # YAML 1.2 core schema: 2.0e12 is a float
+    """The dumper of realised scenarios (loading goes through :func:`sflllm.files.load_yaml`)."""
+    yaml = yaml_engine()
     yaml.default_flow_style = None
     yaml.width = 100
     yaml.representer.sort_base_mapping_type_on_output = False  # keep the spec's field order
@@ -219,7 +218,7 @@ def _yaml():
 def _format_validation_error(error: ValidationError) -> str:
     messages = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "scenario"
+        field = ".".join(str(part)[:MAX_ECHO_CHARS] for part in item["loc"]) or "scenario"
         message = item["msg"].removeprefix("Value error, ")
         messages.append(f"{field}: {message}")
     return "; ".join(messages)
@@ -243,21 +242,17 @@ def scenario_from_mapping(data: Any, base_dir: str | Path | None = None) -> Scen
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a YAML 1.2 scenario file."""
-    from ruamel.yaml import YAMLError
+    """Read and validate a YAML 1.2 scenario file (size and alias limits of :func:`sflllm.files.load_yaml`).
 
+    An empty file is every spec default, with a warning (``UserWarning``) saying so.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError(f"scenario: file not found: {path}") from None
-    except OSError as exc:
-        raise ScenarioError(f"scenario: cannot read {path}: {exc}") from None
-    try:
-        data = _yaml().load(text)
-    except YAMLError as exc:
-        detail = " ".join(str(exc).split())
-        raise ScenarioError(f"scenario: invalid YAML in {path}: {detail}") from None
+        data = load_yaml(path, "scenario")
+    except FileInputError as exc:
+        raise ScenarioError(str(exc)) from None
+    if data is None:
+        warnings.warn(f"scenario {path} is empty: every field takes its default (spec §6)", stacklevel=2)
     return scenario_from_mapping(data, base_dir=path.parent)
 
 
@@ -274,19 +269,6 @@ def scenario_to_yaml(scenario: Scenario) -> str:
     stream = io.StringIO()
     _yaml().dump(plain(scenario.model_dump()), stream)
     return stream.getvalue()
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a whole file or nothing (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------- realisation

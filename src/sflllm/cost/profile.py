@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from sflllm.files import echo
+
 # Family default LoRA targets (spec §2).
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",),
@@ -178,14 +180,17 @@ def profile_from_config(config: Mapping[str, Any], lora_targets: list[str] | tup
     family = MODEL_FAMILIES.get(model_type)  # type: ignore[arg-type]
     if family is None:
         raise ValueError(
-            f"model.hf_config: {source}: unsupported model_type {model_type!r} "
+            f"model.hf_config: {source}: unsupported model_type {echo(model_type)} "
             f"(supported: {', '.join(MODEL_FAMILIES)})"
         )
 
     def get(key: str, default: Any = ...) -> Any:
+        """``config[key]``: a positive integer (or ``default`` when absent or null)."""
         value = config.get(key, default)
         if value is ...:
             raise ValueError(f"model.hf_config: {source}: missing key {key!r} for model_type {model_type}")
+        if value is not default and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"model.hf_config: {source}: {key} must be a positive integer, got {echo(value)}")
         return value
 
     if family == "gpt2":
@@ -199,8 +204,8 @@ def profile_from_config(config: Mapping[str, Any], lora_targets: list[str] | tup
             model_type=model_type, num_hidden_layers=get("num_hidden_layers"), hidden_size=hidden,
             num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads", None) or heads,
             head_dim=get("head_dim", None) or hidden // heads, intermediate_size=get("intermediate_size"),
-            vocab_size=get("vocab_size"), attention_bias=bool(get("attention_bias", False)),
-            mlp_bias=bool(get("mlp_bias", False)),
+            vocab_size=get("vocab_size"), attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
         )
     return _with_targets(fields, lora_targets)
 

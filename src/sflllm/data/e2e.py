@@ -98,7 +98,9 @@ def _make_example(mr: object, ref: object, where: str) -> Example:
 def _load_csv(path: Path) -> list[Example]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+        if not reader.fieldnames:
+            raise ValueError(f"{path}: empty file; an E2E CSV needs a header line 'mr,ref' and rows")
+        columns = {c.strip().lower(): c for c in reader.fieldnames}
         missing = [c for c in ("mr", "ref") if c not in columns]
         if missing:
             raise ValueError(

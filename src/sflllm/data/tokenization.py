@@ -92,6 +92,24 @@ class TokenizedExamples:
         )
 
 
+def _encode(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase
+) -> tuple[tuple[str, ...], tuple[str, ...], list[list[int]], list[list[int]]]:
+    """(MRs, references, prompt ids, reference ids) of ``examples``, whitespace-normalised."""
+    mrs = tuple(normalize_whitespace(e.mr) for e in examples)
+    refs = tuple(normalize_whitespace(e.ref) for e in examples)
+    prompts = prompt_ids(tokenizer, mrs)
+    references = tokenizer([" " + ref for ref in refs], add_special_tokens=False)["input_ids"]
+    return mrs, refs, prompts, references
+
+
+def longest_example(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens in the longest training row of ``examples`` (prompt + reference + EOS): the seq_len that
+    truncates none of them."""
+    _, _, prompts, references = _encode(examples, tokenizer)
+    return max(len(p) + len(r) + 1 for p, r in zip(prompts, references))
+
+
 def tokenize(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> TokenizedExamples:
     """Tokenise ``examples`` for causal-LM fine-tuning with the loss on the reference only.
 
@@ -106,10 +124,7 @@ def tokenize(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, se
     if not examples:
         raise ValueError("no examples to tokenize")
     eos, pad = eos_token_id(tokenizer), pad_token_id(tokenizer)
-    mrs = tuple(normalize_whitespace(e.mr) for e in examples)
-    refs = tuple(normalize_whitespace(e.ref) for e in examples)
-    prompts = prompt_ids(tokenizer, mrs)
-    references = tokenizer([" " + ref for ref in refs], add_special_tokens=False)["input_ids"]
+    mrs, refs, prompts, references = _encode(examples, tokenizer)
 
     too_long = [i for i, p in enumerate(prompts) if len(p) >= seq_len]
     if too_long:

@@ -1,15 +1,13 @@
 """Atomic files and safetensors checkpoints of a training run. Nothing here unpickles anything.
 
-Every file is written to a temporary file in the destination directory, fsync'ed and moved into
-place with ``os.replace``, so a reader sees the old file or the new one, never a torn one.
+Every file is written with :func:`sflllm.files.write_atomic` (temporary file in the destination
+directory, fsync, ``os.replace``), so a reader sees the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +17,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from sflllm.experiments.config import TrainInputError
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace)."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0o666 & ~umask, like open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+from sflllm.files import write_atomic
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
+
+from sflllm.files import MAX_ECHO_CHARS, FileInputError, echo, load_yaml, yaml_engine
 
 
 class TrainInputError(ValueError):
@@ -29,33 +29,49 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # what to train on
-    model: str | None = Field(None, description="HF hub name or local dir; None: built-in tiny demo model")
-    data: str | None = Field(None, description=".csv/.jsonl file or hub dataset; None: synthetic E2E-style data")
-    eval_data: str | None = Field(None, description="held-out set; None: held-out MRs of the training data")
-    train_samples: int | None = Field(None, ge=1, description="use at most this many training examples")
+    model: str | None = Field(None, description="HF model name or local dir; None: built-in tiny demo model")
+    data: str | None = Field(
+        None, description="training data: .csv (mr,ref), .jsonl or hub dataset; None: synthetic E2E-style data"
+    )
+    eval_data: str | None = Field(None, description="held-out data; None: held-out MRs of the training data")
+    train_samples: int | None = Field(None, ge=1, description="use at most this many training examples; None: all")
 
     # the protocol (spec section 1)
-    mode: Literal["sfl", "centralized", "fl", "sl"] = "sfl"
-    clients: int = Field(3, ge=1)
-    split_layer: int = Field(1, ge=1)
-    rank: int = Field(4, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: list[str] | None = Field(None, min_length=1, description="None: the model type's default")
-    server_adapter: Literal["shared", "per_client"] = "shared"
-    local_steps: int = Field(6, ge=1)
-    rounds: int = Field(6, ge=1)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(104, ge=4)  # the longest synthetic demo example is 100 tokens
-    lr: float = Field(1e-2, gt=0)  # suits the offline demo; pass a smaller --lr for pretrained models
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = Field(0, ge=0)
+    mode: Literal["sfl", "centralized", "fl", "sl"] = Field("sfl", description="one of sfl, centralized, fl, sl")
+    clients: int = Field(3, ge=1, description="number of clients K")
+    split_layer: int = Field(1, ge=1, description="blocks 1..split_layer run on the clients")
+    rank: int = Field(4, ge=1, description="LoRA rank r")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_targets: list[str] | None = Field(
+        None, min_length=1, description="comma-separated LoRA target modules; None: the model type's default"
+    )
+    server_adapter: Literal["shared", "per_client"] = Field("shared", description="one of shared, per_client")
+    local_steps: int = Field(6, ge=1, description="local iterations I per round")
+    rounds: int = Field(6, ge=1, description="training rounds (with --resume: the new total)")
+    batch_size: int = Field(8, ge=1, description="mini-batch size b per client")
+    seq_len: int | Literal["auto"] = Field(
+        "auto", description="sequence length s in tokens; auto: the longest tokenised training example, "
+        "at most the model's position limit"
+    )
+    lr: float = Field(
+        1e-2, gt=0, allow_inf_nan=False,
+        description="AdamW learning rate (suits the offline demo; pass a smaller one for pretrained models); "
+        "may change on --resume",
+    )
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="AdamW weight decay")
+    seed: int = Field(0, ge=0, description="seed of everything")
 
     # how the training pool is split across clients
-    partition: Literal["iid", "dirichlet"] = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    partition_attribute: str = "eatType"
-    keep_mr_together: bool = Field(True, description="all references of one MR go to the same client")
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="one of iid, dirichlet")
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (smaller: more skew)"
+    )
+    partition_attribute: str = Field("eatType", description="MR slot the Dirichlet partition skews on")
+    keep_mr_together: bool = Field(
+        True, description="keep all references of one MR on one client, or split them",
+        json_schema_extra={"flag": "--keep-mr-together/--split-mrs"},
+    )
 
     # evaluation
     eval_samples: int = Field(64, ge=1, description="held-out examples for the held-out loss")
@@ -69,7 +85,7 @@ class TrainConfig(BaseModel):
     no_repeat_ngram_size: int = Field(
         0, ge=0, description="never repeat an n-gram of this size; 0: off (LoRA's E2E setup: 4)"
     )
-    max_new_tokens: int = Field(40, ge=1)
+    max_new_tokens: int = Field(40, ge=1, description="longest generation in tokens")
 
     # execution only (results do not depend on it)
     threads: int | None = Field(
@@ -78,6 +94,17 @@ class TrainConfig(BaseModel):
     engine: Literal["local", "flower-sim"] = Field(
         "local", description="local: one process; flower-sim: Flower's Simulation Engine (mode sfl; the flower extra)"
     )
+
+    @field_validator("seq_len", mode="wrap")
+    @classmethod
+    def _seq_len_or_auto(cls, value: Any, handler: Any) -> int | str:
+        try:
+            checked = handler(value)
+        except ValidationError:
+            checked = None
+        if checked != "auto" and (not isinstance(checked, int) or checked < 4):
+            raise ValueError(f"expected an integer >= 4 or 'auto', got {echo(value)}")
+        return checked
 
     @field_validator("server_adapter", "engine")
     @classmethod
@@ -111,9 +138,15 @@ RESUMABLE_FIELDS = frozenset(
      "threads", "engine"}
 )
 
+# Fields that change the trajectory but may still change on ``--resume``, deliberately: a run that
+# diverged continues from its last good checkpoint with a lower ``lr``. The resumed run is then no
+# longer the uninterrupted one; ``metrics.json`` records each round's lr.
+RESUME_OVERRIDES = RESUMABLE_FIELDS | {"lr"}
 
-def _yaml() -> YAML:
-    yaml = YAML(typ="safe", pure=True)  # YAML 1.2: `1e-3` is a float, `no` is a string
+
+def _yaml():
+    """The dumper of config.yaml (loading goes through :func:`sflllm.files.load_yaml`)."""
+    yaml = yaml_engine()
     yaml.default_flow_style = False
     return yaml
 
@@ -122,13 +155,13 @@ def describe_validation_error(err: ValidationError) -> str:
     """One line naming every bad field: ``rank: Input should be greater than or equal to 1 (got 0)``."""
     parts = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
+        field = ".".join(str(p)[:MAX_ECHO_CHARS] for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             msg, got = "unknown field", ""
         elif e["type"] == "value_error":  # our own validators: the message says it all
             msg, got = str(e["ctx"]["error"]), ""
         else:
-            msg, got = e["msg"], f" (got {e['input']!r})"
+            msg, got = e["msg"], f" (got {echo(e['input'])})"
         parts.append(f"{field}: {msg}{got}")
     return "; ".join(parts)
 
@@ -136,13 +169,9 @@ def describe_validation_error(err: ValidationError) -> str:
 def read_config_file(path: Path) -> dict[str, Any]:
     """The mapping in a YAML 1.2 config file (not yet validated). Raises TrainInputError naming the file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise TrainInputError(f"config file {path}: {e.strerror or e}") from None
-    try:
-        data = _yaml().load(text)
-    except YAMLError as e:
-        raise TrainInputError(f"config file {path}: invalid YAML: {' '.join(str(e).split())}") from None
+        data = load_yaml(path, "config file")
+    except FileInputError as e:
+        raise TrainInputError(str(e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

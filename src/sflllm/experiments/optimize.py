@@ -12,7 +12,8 @@ from pathlib import Path
 
 from sflllm.allocation.optimize import MethodError, Outcome, optimise
 from sflllm.allocation.report import render, result_json
-from sflllm.allocation.scenario import ScenarioError, load_scenario, realise, write_text_atomic
+from sflllm.allocation.scenario import ScenarioError, load_scenario, realise
+from sflllm.files import FileInputError, check_creatable_dir, write_atomic
 
 
 class OptimizeInputError(ValueError):
@@ -29,12 +30,18 @@ class OptimizeRun:
 def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Path | None = None,
                  save_realised: Path | None = None) -> OptimizeRun:
     """Optimise the scenario with ``method`` (and every baseline); optionally save figures/realised file."""
-    if save_realised is not None and save_realised.is_dir():
-        raise OptimizeInputError(f"--save-realised: {save_realised} is a folder, not a file")
-    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-        raise OptimizeInputError(f"--plot: {plot_dir} exists and is not a folder")
-    if save_realised is not None and not save_realised.parent.is_dir():
-        raise OptimizeInputError(f"--save-realised: folder {save_realised.parent} does not exist")
+    try:  # output paths before any work
+        if save_realised is not None:
+            if save_realised.is_dir():
+                raise FileInputError(f"--save-realised {save_realised}: is a folder, not a file")
+            if not save_realised.parent.is_dir():
+                problem = "is not a folder" if save_realised.parent.exists() else "does not exist"
+                raise FileInputError(f"--save-realised {save_realised}: {save_realised.parent} {problem}")
+            check_creatable_dir(save_realised.parent, "--save-realised")
+        if plot_dir is not None:
+            check_creatable_dir(plot_dir, "--plot")
+    except FileInputError as exc:
+        raise OptimizeInputError(str(exc)) from None
     try:
         realised = realise(load_scenario(scenario_path))
         outcome = optimise(realised, method)
@@ -42,12 +49,15 @@ def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Pat
         raise OptimizeInputError(str(exc)) from None
     result = result_json(outcome)
     figures: tuple[Path, ...] = ()
-    if plot_dir is not None:
-        from sflllm.experiments.optimize_figures import write_figures
+    try:
+        if plot_dir is not None:
+            from sflllm.experiments.optimize_figures import write_figures
 
-        figures = write_figures(outcome, plot_dir)
-    if save_realised is not None:
-        write_text_atomic(save_realised, realised.to_yaml())
+            figures = write_figures(outcome, plot_dir)
+        if save_realised is not None:
+            write_atomic(save_realised, realised.to_yaml().encode("utf-8"))
+    except FileInputError as exc:
+        raise OptimizeInputError(str(exc)) from None
     return OptimizeRun(outcome=outcome, result=result, figures=figures)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sflllm.allocation.optimize import BASELINES, Outcome
+from sflllm.files import FileInputError, ensure_output_dir
 
 
 def _allocation_figure(outcome: Outcome, plt):
@@ -114,14 +115,17 @@ def write_figures(outcome: Outcome, plot_dir: Path) -> tuple[Path, ...]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(plot_dir, "--plot")
     written = []
-    with tempfile.TemporaryDirectory(dir=plot_dir, prefix=".figures-") as staging:
-        for name, draw in FIGURES.items():
-            fig = draw(outcome, plt)
-            fig.savefig(Path(staging) / name, dpi=120)
-            plt.close(fig)
-        for name in FIGURES:
-            os.replace(Path(staging) / name, plot_dir / name)
-            written.append(plot_dir / name)
+    try:
+        with tempfile.TemporaryDirectory(dir=plot_dir, prefix=".figures-") as staging:
+            for name, draw in FIGURES.items():
+                fig = draw(outcome, plt)
+                fig.savefig(Path(staging) / name, dpi=120)
+                plt.close(fig)
+            for name in FIGURES:
+                os.replace(Path(staging) / name, plot_dir / name)
+                written.append(plot_dir / name)
+    except OSError as exc:
+        raise FileInputError(f"--plot {plot_dir}: cannot write the figures ({exc.strerror or exc})") from None
     return tuple(written)

@@ -26,6 +26,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -39,11 +40,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sflllm import __version__
+from sflllm.cost.profile import profile_from_config
 from sflllm.data import (
     Example,
     TokenizedExamples,
     build_demo_tokenizer,
     load_examples,
+    longest_example,
     partition,
     prompt_ids,
     synthetic_examples,
@@ -52,18 +55,27 @@ from sflllm.data import (
 from sflllm.experiments.checkpoint import (
     check_same_tensors,
     read_safetensors,
-    write_atomic,
     write_json_atomic,
     write_safetensors_atomic,
 )
 from sflllm.experiments.config import (
-    RESUMABLE_FIELDS,
+    RESUME_OVERRIDES,
     TrainConfig,
     TrainInputError,
     config_to_yaml,
     read_config_file,
     resolve_config,
 )
+from sflllm.experiments.divergence import check_finite, diverged_message, unchanged
+from sflllm.experiments.memory import available_memory, estimate_peak_memory, memory_advice
+from sflllm.experiments.run_dir import (
+    CONFIG_FILE,
+    STATE_FILE,
+    check_new_output_dir,
+    check_resumable,
+    default_output_dir,
+)
+from sflllm.files import MAX_ECHO_CHARS, ensure_output_dir, write_atomic
 from sflllm.model import (
     SplitModel,
     attach_lora,
@@ -72,13 +84,12 @@ from sflllm.model import (
     load_pretrained,
     lora_parameters,
     max_positions,
+    smallest_target_dimension,
     split_model,
 )
 from sflllm.sfl import ClientState, Federation, Hyper, RoundEngine, make_federation
 
-CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
-STATE_FILE = "state.safetensors"
 CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
 HYPOTHESES_FILE = "generation.hyp.txt"
@@ -88,11 +99,20 @@ METRICS_SCHEMA = "sflllm.train.metrics/1"
 
 DEMO_TRAIN_EXAMPLES = 384  # synthetic training pool of the offline demo (before train_samples)
 HELDOUT_MR_FRACTION = 0.1  # share of distinct MRs held out when no eval_data is given
-REAL_RUN_HINT = (
-    "for a real model run e.g. `sflllm train --model gpt2 --data tuetschek/e2e_nlg --eval-data tuetschek/e2e_nlg:test --lr 1e-3` "
-    "(online) or `sflllm train --model ../shared/data/models/stories260K/hf --data ../shared/data/e2e/devset.csv "
-    "--eval-data ../shared/data/e2e/testset_w_refs.csv --seq-len 192 --lr 5e-3 --generate`"
+REAL_RUN_HINT = (  # the README's two examples, shortened
+    "for a real model run e.g. `sflllm train --model gpt2 --data tuetschek/e2e_nlg:train "
+    "--eval-data tuetschek/e2e_nlg:test --lr 2e-4` (online) or `sflllm train --model "
+    "../shared/data/models/stories260K/hf --data ../shared/data/e2e/devset.csv "
+    "--eval-data ../shared/data/e2e/testset_w_refs.csv --lr 5e-3 --generate`"
 )
+
+
+class TrainDiverged(TrainInputError):
+    """Training produced a non-finite loss, adapter or AdamW state; the last good checkpoint is kept."""
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the rounds (still a KeyboardInterrupt); the message says how to continue."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +128,7 @@ class _Run:
     """Everything validated and loaded, before any file is written."""
 
     config: TrainConfig
+    seq_len: int  # config.seq_len, or the one "auto" chose
     split: SplitModel
     tokenizer: PreTrainedTokenizerBase
     federation: RoundEngine
@@ -226,8 +247,44 @@ def partition_clients(train: Sequence[Example], config: TrainConfig) -> list[np.
     return parts
 
 
-def prepare(config: TrainConfig) -> _Run:
-    """Load and validate model, data, partition and the federation. Writes nothing."""
+def resolve_seq_len(config: TrainConfig, train: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
+                    positions: int | None) -> int:
+    """``config.seq_len``, or for ``auto`` the longest tokenised training example capped at the model's
+    ``positions`` (longer examples are then truncated, with tokenize's warning)."""
+    if config.seq_len != "auto":
+        if positions is not None and config.seq_len > positions:
+            raise TrainInputError(f"seq_len: {config.seq_len} exceeds the model's {positions} positions")
+        return config.seq_len
+    longest = longest_example(train, tokenizer)
+    return max(4, min(longest, positions)) if positions is not None else longest
+
+
+def check_sizes(config: TrainConfig, model: PreTrainedModel, seq_len: int, examples: int, force: bool) -> None:
+    """Refuse a rank above the smallest LoRA target dimension, and (unless ``force``) a run whose
+    peak memory estimate exceeds the available memory (:mod:`sflllm.experiments.memory`)."""
+    try:
+        name, size = smallest_target_dimension(model, config.lora_targets)
+    except ValueError as e:
+        raise TrainInputError(f"lora_targets: {_one_line(e)}") from None
+    if config.rank > size:
+        raise TrainInputError(f"rank: {config.rank} exceeds {size}, the smallest dimension of LoRA target {name}")
+    if force:
+        return
+    try:
+        profile = profile_from_config(model.config.to_dict(), config.lora_targets)
+    except ValueError:
+        return  # a family the cost model does not describe: no estimate
+    estimate = estimate_peak_memory(
+        model, profile, mode=config.mode, clients=config.clients, batch_size=config.batch_size,
+        seq_len=seq_len, rank=config.rank, examples=examples,
+    )
+    advice = memory_advice(estimate, available_memory())
+    if advice is not None:
+        raise TrainInputError(advice)
+
+
+def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
+    """Load and validate model, data, partition, sizes and the federation. Writes nothing."""
     seed_everything(config.seed)
     model, tokenizer = load_model_and_tokenizer(config)
     train, held = load_train_eval_examples(config)
@@ -236,8 +293,8 @@ def prepare(config: TrainConfig) -> _Run:
 
     generation_examples = first_mrs(held, config.generate_samples) if config.generate else []
     positions = max_positions(model)
-    if positions is not None and config.seq_len > positions:
-        raise TrainInputError(f"seq_len: {config.seq_len} exceeds the model's {positions} positions")
+    seq_len = resolve_seq_len(config, train, tokenizer, positions)
+    check_sizes(config, model, seq_len, len(train) + len(eval_examples), force)
     if positions is not None and generation_examples:
         longest = max(len(p) for p in prompt_ids(tokenizer, sorted({e.mr for e in generation_examples})))
         if longest + config.max_new_tokens > positions:
@@ -254,13 +311,13 @@ def prepare(config: TrainConfig) -> _Run:
     try:
         split = split_model(peft_model, config.split_layer)
     except ValueError as e:
-        raise TrainInputError(f"split_layer: {_one_line(e)}") from None
+        raise TrainInputError(_field_error("split_layer", e)) from None
 
     try:
-        train_tokens = tokenize(train, tokenizer, config.seq_len)
-        eval_tokens = tokenize(eval_examples, tokenizer, config.seq_len)
+        train_tokens = tokenize(train, tokenizer, seq_len)
+        eval_tokens = tokenize(eval_examples, tokenizer, seq_len)
     except ValueError as e:
-        raise TrainInputError(f"seq_len: {_one_line(e)}") from None
+        raise TrainInputError(_field_error("seq_len", e)) from None
     client_data = [train_tokens.select(idx) for idx in parts]
     hyper = Hyper(
         mode=config.mode,
@@ -273,7 +330,7 @@ def prepare(config: TrainConfig) -> _Run:
     )
     federation = make_federation(split, client_data, hyper)
     engine = flower_simulation(config, federation) if config.engine == "flower-sim" else federation
-    return _Run(config, split, tokenizer, engine, eval_tokens, generation_examples)
+    return _Run(config, seq_len, split, tokenizer, engine, eval_tokens, generation_examples)
 
 
 FLOWER_HINT = 'pip install "sflllm[flower]"'
@@ -341,8 +398,9 @@ def split_adapters(split: SplitModel) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def _trajectory(config: TrainConfig) -> dict[str, Any]:
-    """The config fields that determine adapters and per-round metrics (must match on resume)."""
-    return config.model_dump(mode="json", exclude=set(RESUMABLE_FIELDS))
+    """The config fields that determine adapters and per-round metrics and must match on resume
+    (all but RESUME_OVERRIDES: lr may change deliberately, see config.RESUME_OVERRIDES)."""
+    return config.model_dump(mode="json", exclude=set(RESUME_OVERRIDES))
 
 
 def _save_round(out: Path, run: _Run, metrics: dict[str, Any]) -> None:
@@ -374,6 +432,7 @@ def _load_resume_state(out: Path, run: _Run) -> dict[str, Any]:
     except (KeyError, ValueError) as e:
         raise TrainInputError(f"checkpoint {state_path} is corrupted: bad metadata ({_one_line(e)})") from None
     now = _trajectory(run.config)
+    saved_trajectory = {k: v for k, v in saved_trajectory.items() if k not in RESUME_OVERRIDES}
     diff = sorted(k for k in now.keys() | saved_trajectory.keys() if now.get(k) != saved_trajectory.get(k))
     if diff:
         k = diff[0]
@@ -428,18 +487,18 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def default_output_dir() -> Path:
-    """``runs/<YYYYmmdd-HHMMSS>`` under the current directory."""
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-
-
 def _initial_metrics(run: _Run) -> dict[str, Any]:
     """``metrics.json`` before the first round: the held-out loss of the untrained adapters."""
+    loss = heldout_loss(run.split.full, run.eval_tokens, run.config.batch_size)
+    if not math.isfinite(loss):
+        raise TrainInputError(f"model: the held-out loss before training is {loss} (not finite); "
+                              "check the model's weights, lora_alpha and seq_len")
     return {
         "schema": METRICS_SCHEMA,
         "demo": run.config.is_demo,
         "mode": run.config.mode,
-        "initial": {"heldout_loss": heldout_loss(run.split.full, run.eval_tokens, run.config.batch_size)},
+        "seq_len": run.seq_len,
+        "initial": {"heldout_loss": loss},
         "rounds": [],
         "final": None,
     }
@@ -451,20 +510,19 @@ def run_train(
     *,
     console: Console | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> TrainResult:
     """Train from scratch into ``output_dir`` (default :func:`default_output_dir`; must not exist or be empty).
 
+    ``force`` trains even where the peak memory estimate exceeds the available memory.
     Returns the output dir and the metrics written to ``metrics.json``.
     """
     out = Path(output_dir) if output_dir is not None else default_output_dir()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainInputError(
-            f"output {out} already exists and is not empty; continue it with --resume {out} or choose another --output"
-        )
-    run = prepare(config)
+    check_new_output_dir(out)
+    run = prepare(config, force=force)
     with torch_threads(intra_op_threads(config, run.split.full)):
         metrics = _initial_metrics(run)
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_output_dir(out, "output")
         write_atomic(out / CONFIG_FILE, config_to_yaml(config).encode("utf-8"))
         try:
             return _train_rounds(out, run, metrics, console or Console(soft_wrap=True), progress)
@@ -473,33 +531,42 @@ def run_train(
 
 
 def resume_train(
-    output_dir: Path, overrides: dict[str, Any] | None = None, *, console: Console | None = None, progress: bool = True
+    output_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    console: Console | None = None,
+    progress: bool = True,
+    force: bool = False,
 ) -> TrainResult:
     """Continue the run in ``output_dir`` (e.g. with a larger ``rounds``) to the same result as an uninterrupted run.
 
-    Only fields in ``RESUMABLE_FIELDS`` may be overridden. Every checkpoint is validated before any
-    file in ``output_dir`` is rewritten. A run stopped before its first checkpoint (``DIR`` holds only
-    ``config.yaml``) starts again from round 1.
+    Only fields in ``RESUME_OVERRIDES`` may be overridden: those that leave the trajectory as it
+    was, and ``lr`` (deliberately: to continue a diverged run from its last good checkpoint with a
+    lower learning rate; the result then differs from an uninterrupted run). Every checkpoint is
+    validated before any file in ``output_dir`` is rewritten. A run stopped before its first
+    checkpoint (``DIR`` holds config.yaml, and metrics.json if it diverged) starts again from round 1.
     """
     out = Path(output_dir)
-    # a run stopped during its first round has written only config.yaml: resuming starts it afresh
-    first_round = out.is_dir() and [p.name for p in out.iterdir()] == [CONFIG_FILE]
+    check_resumable(out)
+    # a run stopped during its first round has no state: resuming starts it afresh
+    first_round = {p.name for p in out.iterdir()} <= {CONFIG_FILE, METRICS_FILE}
     if not first_round and not (out / STATE_FILE).is_file():
         raise TrainInputError(f"resume: {out / STATE_FILE} not found; is {out} the output of `sflllm train`?")
     saved = read_config_file(out / CONFIG_FILE)
     saved_config = resolve_config(saved, {}, source=str(out / CONFIG_FILE))
     overrides = dict(overrides or {})
-    changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_FIELDS and getattr(saved_config, k, v) != v)
+    changed = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDES and getattr(saved_config, k, v) != v)
     if changed:
         raise TrainInputError(
             f"resume: {', '.join(changed)} cannot change when resuming {out} "
-            f"(only {', '.join(sorted(RESUMABLE_FIELDS))} can)"
+            f"(only {', '.join(sorted(RESUME_OVERRIDES))} can)"
         )
     config = resolve_config(saved, overrides, source=f"resume {out}")
-    run = prepare(config)
+    run = prepare(config, force=force)
     with torch_threads(intra_op_threads(config, run.split.full)):
         metrics = _initial_metrics(run) if first_round else _load_resume_state(out, run)
         metrics["final"] = None
+        metrics.pop("diverged", None)
         done = len(metrics["rounds"])
         if done >= config.rounds:
             raise TrainInputError(f"resume: {out} already has {done} rounds; pass --rounds greater than {done}")
@@ -514,10 +581,11 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
     config = run.config
     if config.is_demo:
         console.print(f"[bold yellow]demo:[/] {_demo_what(config)}; {REAL_RUN_HINT}", highlight=False)
+    auto = " (auto: the longest training example, at most the model's positions)" if config.seq_len == "auto" else ""
     console.print(
         f"training {config.mode} | K={config.clients} clients, split_layer={config.split_layer}, rank={config.rank}, "
-        f"local_steps={config.local_steps}, rounds={config.rounds} | held-out loss before training "
-        f"{metrics['initial']['heldout_loss']:.4f}",
+        f"local_steps={config.local_steps}, rounds={config.rounds}, seq_len={run.seq_len}{auto} | "
+        f"held-out loss before training {metrics['initial']['heldout_loss']:.4f}",
         highlight=False,
     )
     if config.engine != "local":
@@ -527,30 +595,17 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
             run.federation.start()  # outside the rounds' wall times
         console.print(f"engine {config.engine}: started in {time.perf_counter() - start:.1f} s", highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not show) as bar:
-        for r in range(len(metrics["rounds"]), config.rounds):
-            task = bar.add_task(f"round {r + 1}/{config.rounds}", total=config.local_steps)
-            start = time.perf_counter()
-            stats = run.federation.run_round(
-                r, progress=lambda done, total, task=task: bar.update(task, completed=done, total=total)
-            )
-            wall = time.perf_counter() - start
-            bar.remove_task(task)
-            run.federation.load_global_adapter()
-            record = {
-                "round": r + 1,
-                "train_loss": float(stats["train_loss"]),
-                "heldout_loss": heldout_loss(run.split.full, run.eval_tokens, config.batch_size),
-                "samples": int(stats["samples"]),
-                "wall_time_s": wall,
-            }
-            metrics["rounds"].append(record)
-            _save_round(out, run, metrics)
-            console.print(
-                f"round {r + 1}/{config.rounds}: train loss {record['train_loss']:.4f}, "
-                f"held-out loss {record['heldout_loss']:.4f}, {wall:.2f} s",
-                highlight=False,
-            )
+    try:
+        with Progress(*columns, console=console, transient=True, disable=not show) as bar:
+            for r in range(len(metrics["rounds"]), config.rounds):
+                _train_round(out, run, metrics, r, bar, console)
+    except TrainDiverged:
+        write_json_atomic(out / METRICS_FILE, metrics)  # strict JSON: the good rounds and the "diverged" flag
+        raise
+    except KeyboardInterrupt:
+        raise TrainInterrupted(
+            f"interrupted after round {len(metrics['rounds'])}; continue with: sflllm train --resume {out}"
+        ) from None
     metrics["final"] = _final_metrics(run, metrics, out)
     write_json_atomic(out / METRICS_FILE, metrics)
     final = metrics["final"]
@@ -569,6 +624,58 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
             console.print(f"  note: {note}", highlight=False, markup=False)
     console.print(f"results in {out}/ ({METRICS_FILE}, {CONFIG_FILE}, *.safetensors)", highlight=False, markup=False)
     return TrainResult(out, metrics)
+
+
+def _train_round(out: Path, run: _Run, metrics: dict[str, Any], r: int, bar: Progress, console: Console) -> None:
+    """Round ``r`` (0-based): train, check every iteration for divergence, evaluate, checkpoint, report.
+
+    On divergence ``metrics`` gets a ``"diverged"`` entry and TrainDiverged is raised; the files in
+    ``out`` still hold round ``r``'s start (the last good checkpoint).
+    """
+    config = run.config
+
+    def diverged(where: str, what: str) -> TrainDiverged:
+        metrics["diverged"] = {"round": r + 1, "where": where, "what": what}
+        return TrainDiverged(diverged_message(r + 1, where, what, out, config.lr))
+
+    def after_iteration(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+        bad = check_finite(run.federation.state_dict())
+        if bad is not None:
+            raise diverged(f"iteration {done}", f"{bad} (an adapter, or AdamW's moments of its gradient)")
+
+    before = split_adapters(run.split)
+    task = bar.add_task(f"round {r + 1}/{config.rounds}", total=config.local_steps)
+    start = time.perf_counter()
+    stats = run.federation.run_round(r, progress=after_iteration)
+    wall = time.perf_counter() - start
+    bar.remove_task(task)
+    run.federation.load_global_adapter()
+    train_loss = float(stats["train_loss"])
+    if not math.isfinite(train_loss):
+        raise diverged("training", f"train loss is {train_loss}")
+    loss = heldout_loss(run.split.full, run.eval_tokens, config.batch_size)
+    if not math.isfinite(loss):
+        raise diverged("held-out evaluation", f"held-out loss is {loss}")
+    after = split_adapters(run.split)
+    if all(unchanged(b, a) for b, a in zip(before, after)):
+        warnings.warn(f"round {r + 1} left the adapters unchanged (every update was 0): lower --lora-alpha "
+                      "or raise --lr", stacklevel=1)
+    record = {
+        "round": r + 1,
+        "train_loss": train_loss,
+        "heldout_loss": loss,
+        "samples": int(stats["samples"]),
+        "wall_time_s": wall,
+        "lr": config.lr,
+    }
+    metrics["rounds"].append(record)
+    _save_round(out, run, metrics)
+    console.print(
+        f"round {r + 1}/{config.rounds}: train loss {record['train_loss']:.4f}, "
+        f"held-out loss {record['heldout_loss']:.4f}, {wall:.2f} s",
+        highlight=False,
+    )
 
 
 def _final_metrics(run: _Run, metrics: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -610,9 +717,18 @@ def _demo_what(config: TrainConfig) -> str:
 
 
 def _naming(message: str, field: str, value: str) -> str:
-    """``message`` prefixed so that it names both the option ``field`` and its ``value`` once."""
+    """``message`` prefixed so that it names both the option ``field`` and its ``value`` once (a long
+    value cut to MAX_ECHO_CHARS)."""
+    if len(value) > MAX_ECHO_CHARS:
+        message, value = message.replace(value, f"{value[:MAX_ECHO_CHARS]}..."), f"{value[:MAX_ECHO_CHARS]}..."
     if value not in message:
         return f"{field} {value!r}: {message}"
+    return message if message.startswith(field) else f"{field}: {message}"
+
+
+def _field_error(field: str, e: BaseException) -> str:
+    """``field: message`` without repeating ``field`` when the message already starts with it."""
+    message = _one_line(e)
     return message if message.startswith(field) else f"{field}: {message}"
 
 

@@ -2,7 +2,7 @@
 
 from sflllm.model.families import FAMILIES, default_lora_targets
 from sflllm.model.load import build_demo_model, load_pretrained, max_positions
-from sflllm.model.lora import attach_lora, lora_parameters
+from sflllm.model.lora import attach_lora, lora_parameters, smallest_target_dimension
 from sflllm.model.loss import IGNORE_INDEX, lm_loss, lm_loss_sum
 from sflllm.model.split import SplitModel, split_model
 
@@ -18,5 +18,6 @@ __all__ = [
     "load_pretrained",
     "lora_parameters",
     "max_positions",
+    "smallest_target_dimension",
     "split_model",
 ]

@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
+from sflllm.cost.profile import matches_targets
 from sflllm.model.families import family
 
 
@@ -54,6 +55,27 @@ def attach_lora(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
+
+
+def smallest_target_dimension(model: nn.Module, targets: Sequence[str] | None = None) -> tuple[str, int]:
+    """(name, size) of the smallest input or output dimension over the modules LoRA would wrap.
+
+    A rank above it cannot add anything (the LoRA update ``B A`` has at most that rank) and only
+    costs memory. ``targets`` as in :func:`attach_lora`; raises ValueError when none matches.
+    """
+    if targets is None:
+        targets = family(model.config.model_type).lora_targets
+    elif isinstance(targets, str):
+        targets = [targets]
+    sizes = [
+        (name, min(module.weight.shape))
+        for name, module in model.named_modules()
+        if matches_targets(name, list(targets)) and getattr(module, "weight", None) is not None
+        and module.weight.dim() == 2
+    ]
+    if not sizes:
+        raise ValueError(f"lora_targets {list(targets)} match no weight matrix of the model")
+    return min(sizes, key=lambda item: item[1])
 
 
 def lora_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
