@@ -466,10 +466,18 @@ def check_exact_size(problem: Problem) -> None:
                 "lower them or use --method proposed")
 
 
-def optimise(realised: Realised, method: str = "proposed") -> Outcome:
+def phases(method: str = "proposed") -> tuple[str, ...]:
+    """The phases :func:`optimise` runs for ``method``, in order (the keys of ``Outcome.timings_s``)."""
+    exact = ("exact",) if method == "exact" else ()
+    return ("build_problem", "proposed", *exact, "fixed_split", "fixed_rank", "equal_power", "random")
+
+
+def optimise(realised: Realised, method: str = "proposed", *,
+             on_phase: Callable[[str], None] | None = None) -> Outcome:
     """Run ``method`` and every baseline (spec §5); the solution reported is ``method``'s.
 
     A random baseline's solution shows its first draw; its delays are means over draws (``Solution``).
+    ``on_phase(name)`` is called as each of :func:`phases` starts (e.g. to show progress).
     """
     if method not in METHODS:
         raise MethodError(f"--method: unknown method {method!r} (choose one of {', '.join(METHODS)})")
@@ -477,6 +485,8 @@ def optimise(realised: Realised, method: str = "proposed") -> Outcome:
     timings: dict[str, float] = {}
 
     def timed(name: str, run: Callable):
+        if on_phase is not None:
+            on_phase(name)
         tic = time.perf_counter()
         value = run()
         timings[name] = time.perf_counter() - tic
