@@ -912,17 +912,21 @@ def _neighbourhood(
         keep = owner[sw_1] != owner[sw_2]
         sw_1, sw_2 = sw_1[keep], sw_2[keep]
 
-    # each subchannel's owner without it: the owner's sorted row less that subchannel's column
-    # (inf power when that would leave the owner with none)
+    # a subchannel's owner without it: the owner's sorted row less that subchannel's column (only for
+    # the subchannels the neighbours move: M x width values at once could be gigabytes)
     padded = np.concatenate([rows.snr, np.zeros((k, 1))], axis=1)
     place = np.arange(width)[None, :]
-    without = padded[owner[:, None], place + (place >= rows.place[:, None])]
-    loss, _ = _Rows(without).min_power(rho[owner])
-    loss = np.where(counts[owner] > 1, loss, np.inf)
+
+    def without(j: np.ndarray) -> np.ndarray:
+        return padded[owner[j][:, None], place + (place >= rows.place[j][:, None])]
+
+    # the owner's power without the subchannel it gives away (inf when it would be left with none)
+    loss, _ = _Rows(without(mv_j)).min_power(rho[owner[mv_j]])
+    loss = np.where(counts[owner[mv_j]] > 1, loss, np.inf)
     # new powers: the receiver of a move, and both sides of a swap
     received, _ = _Rows(
         _insert_sorted(
-            np.concatenate([rows.snr[mv_r], without[sw_1], without[sw_2]]),
+            np.concatenate([rows.snr[mv_r], without(sw_1), without(sw_2)]),
             np.concatenate([snr[mv_r, mv_j], snr[owner[sw_1], sw_2], snr[owner[sw_2], sw_1]]),
         )
     ).min_power(np.concatenate([rho[mv_r], rho[owner[sw_1]], rho[owner[sw_2]]]))
@@ -933,7 +937,7 @@ def _neighbourhood(
     a = np.concatenate([mv_r, owner[sw_1]])
     b = np.concatenate([owner[mv_j], owner[sw_2]])
     pa = np.concatenate([received[:n_mv], received[n_mv : n_mv + n_sw]])
-    pb = np.concatenate([loss[mv_j], received[n_mv + n_sw :]])
+    pb = np.concatenate([loss, received[n_mv + n_sw :]])
     changes = np.stack(
         [first, np.concatenate([mv_r, owner[sw_2]]), second, np.concatenate([mv_r, owner[sw_1]])], axis=1
     )

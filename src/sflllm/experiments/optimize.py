@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sflllm.allocation.optimize import MethodError, Outcome, optimise, phases
+from sflllm.allocation.optimize import MethodError, Outcome, check_size, optimise, phases
 from sflllm.allocation.report import render, result_json
 from sflllm.allocation.scenario import Realised, ScenarioError, load_scenario, realise, write_text_atomic
 
@@ -70,7 +70,9 @@ def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Pat
     if save_realised is not None and not save_realised.parent.is_dir():
         raise OptimizeInputError(f"--save-realised: folder {save_realised.parent} does not exist")
     try:
-        realised = realise(load_scenario(scenario_path))
+        scenario = load_scenario(scenario_path)
+        check_size(scenario)  # before realise draws K x M gains
+        realised = realise(scenario)
         with _phase_progress(realised, method, progress) as on_phase:
             outcome = optimise(realised, method, on_phase=on_phase)
     except (ScenarioError, MethodError) as exc:
