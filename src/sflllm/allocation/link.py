@@ -767,14 +767,23 @@ def _top(score: np.ndarray, count: int) -> np.ndarray:
 
 #: most (pair) candidates the screening of swaps expands at once (see :func:`_screen_swaps`)
 SCREEN_CAPACITY = 2**22
+#: up to this many swaps (K = 200 and M = 546 have 150,000) scoring them all is the quicker way
+SCREEN_SCAN_MAX = 2**18
 _BLOCK = 2**20  # entries of a (rows, M) block of swap scores computed at once by the fallback scan
+
+
+def _best(scores: np.ndarray, positions: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest ``scores``, the lower position first on ties."""
+    if scores.size <= count:
+        return np.arange(scores.size)
+    cut = np.partition(scores, scores.size - count)[scores.size - count]
+    near = np.flatnonzero(scores >= cut)  # the count largest and any ties with the last
+    return near[np.lexsort((positions[near], -scores[near]))[:count]]
 
 
 def _top_positions(scores: np.ndarray, positions: np.ndarray, count: int) -> np.ndarray:
     """Positions of the ``count`` largest ``scores`` (the lower position first on ties), ascending."""
-    if scores.size > count:
-        positions = positions[np.lexsort((positions, -scores))[:count]]
-    return np.sort(positions)
+    return np.sort(positions[_best(scores, positions, count)])
 
 
 def _screen_moves(gain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -812,12 +821,15 @@ def _screen_swaps(value: np.ndarray, held: np.ndarray, gain: np.ndarray,
     lower bound tau on the LOCAL_SEARCH_SCREENED-th largest gain comes from the sums of the 16 best
     moves each way between the client pairs with the largest best swaps; only client pairs whose best
     swap reaches tau, and within them only swaps whose two moves sum to tau, are scored exactly (less
-    a rounding margin).  That is O(K M + K^2) instead of scoring all M^2 / 2 swaps; when more than
-    SCREEN_CAPACITY swaps would pass (many equal gains), every swap is scored, in blocks.
+    a rounding margin).  That is O(K M + K^2) instead of scoring all M^2 / 2 swaps; when there are
+    at most SCREEN_SCAN_MAX swaps, or more than SCREEN_CAPACITY would pass (many equal gains), every
+    swap is scored, in blocks (:func:`_scan_swaps`).
     """
     m, k = gain.shape
     mine = np.argsort(owner, kind="stable")  # each client's subchannels, contiguous
     counts = np.bincount(owner, minlength=k)
+    if m * (m - 1) // 2 - int((counts * (counts - 1) // 2).sum()) <= SCREEN_SCAN_MAX:
+        return _scan_swaps(value, held, owner)
     starts = np.cumsum(counts) - counts
     toward = np.full((k, k), -np.inf)  # toward[b, a] = P[a, b]
     place = np.arange(m) - np.repeat(starts, counts)
@@ -860,6 +872,12 @@ def _screen_swaps(value: np.ndarray, held: np.ndarray, gain: np.ndarray,
             key = np.concatenate(found)
             key = _top_positions(_swap_gain(value, held, owner, key // m, key % m), key, LOCAL_SEARCH_SCREENED)
             return key // m, key % m
+    return _scan_swaps(value, held, owner)
+
+
+def _scan_swaps(value: np.ndarray, held: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_screen_swaps` by scoring every swap, _BLOCK at a time (for few swaps, or many ties)."""
+    m = owner.size
     cols = np.arange(m)
     kept_gain, kept_key = np.empty(0), np.empty(0, dtype=np.intp)
     step = max(1, _BLOCK // m)
@@ -868,7 +886,7 @@ def _screen_swaps(value: np.ndarray, held: np.ndarray, gain: np.ndarray,
         r, c = np.nonzero((cols[None, :] > rows[:, None]) & (owner[None, :] != owner[rows][:, None]))
         key = np.concatenate([kept_key, rows[r] * m + c])
         gain_rc = np.concatenate([kept_gain, _swap_gain(value, held, owner, rows[r], c)])
-        top = np.lexsort((key, -gain_rc))[:LOCAL_SEARCH_SCREENED]
+        top = _best(gain_rc, key, LOCAL_SEARCH_SCREENED)
         kept_gain, kept_key = gain_rc[top], key[top]
     key = np.sort(kept_key)
     return key // m, key % m
