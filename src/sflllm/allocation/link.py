@@ -795,7 +795,10 @@ def _screen_moves(gain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     m, k = gain.shape
     per_row = -(-LOCAL_SEARCH_SCREENED // m)
-    best = np.partition(gain, k - per_row, axis=1)[:, k - per_row :].ravel() if per_row < k else gain.ravel()
+    if per_row == 1:
+        best = gain.max(axis=1)
+    else:
+        best = np.partition(gain, k - per_row, axis=1)[:, k - per_row :].ravel() if per_row < k else gain.ravel()
     bound = -np.inf
     if best.size >= LOCAL_SEARCH_SCREENED:
         bound = -np.partition(-best, LOCAL_SEARCH_SCREENED - 1)[LOCAL_SEARCH_SCREENED - 1]
