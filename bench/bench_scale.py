@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 import orjson
 from sflllm.allocation.optimize import Optimiser, build_problem, check_size
-from sflllm.allocation.report import plain
+from sflllm.allocation.report import plain, scenario_json
 from sflllm.allocation.scenario import load_scenario, realise
 scenario = load_scenario(Path(sys.argv[1]))
 check_size(scenario)
@@ -45,7 +45,7 @@ result = {"split_layer": solution.split_layer, "rank": solution.rank, "total_del
           "assignment_ms": solution.ms.owner, "assignment_fs": solution.fs.owner,
           "power_ms_w": solution.ms.power_w, "power_fs_w": solution.fs.power_w}
 result = plain(result)
-result["scenario"] = realised.scenario.model_dump(mode="json")
+result["scenario"] = scenario_json(realised.scenario)
 sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS))
 """
 MODES = {"all methods": [COMMAND, "optimize", "--json", "--scenario"], "proposed alone": [PROPOSED_ALONE]}
@@ -115,7 +115,10 @@ def main() -> None:
     if len(args.clients) > 1:
         for mode, rows in table.items():
             print(f"growth, {mode}: wall ~K^{exponent(args.clients, rows['wall']):.2f}, "
-                  f"CPU ~K^{exponent(args.clients, rows['cpu']):.2f}, memory ~K^{exponent(args.clients, rows['rss']):.2f}")
+                  f"CPU ~K^{exponent(args.clients, rows['cpu']):.2f}, memory ~K^{exponent(args.clients, rows['rss']):.2f}"
+                  f"  (between the two largest K, where start-up matters least: wall ~K^"
+                  f"{exponent(args.clients[-2:], rows['wall'][-2:]):.2f}, memory ~K^"
+                  f"{exponent(args.clients[-2:], rows['rss'][-2:]):.2f})")
     if args.plot is not None:
         plot(args.plot, args.clients, table)
         print(f"wrote {args.plot}")

@@ -67,14 +67,14 @@ def result_json(outcome: Outcome) -> dict[str, Any]:
         result["draws"] = solution.draws
         result["draw_total_delay_s"] = delay.total_delay_s
     result = plain(result)
-    result["scenario"] = _scenario_json(outcome.problem.realised.scenario)
+    result["scenario"] = scenario_json(outcome.problem.realised.scenario)
     return result
 
 
 _GAIN_FIELDS = ("gains_ms", "gains_fs")
 
 
-def _scenario_json(scenario) -> dict[str, Any]:
+def scenario_json(scenario) -> dict[str, Any]:
     """The realised scenario as plain JSON values; the K x M gain matrices are the scenario's own lists.
 
     They hold K (M + N) floats (5.5 million at K = 1,000, M = N = 2,730): dumping and walking a copy of
