@@ -754,8 +754,14 @@ def _subchannel_value(snr: np.ndarray, mu: np.ndarray) -> np.ndarray:
     and frees its own mu - 1/a: the net is (x ln x - x + 1) / a with x = mu a (0 when inactive).
     Used only to rank moves and swaps on large instances; their merit is then computed exactly.
     """
-    x = np.maximum(mu * snr, 1.0)
-    return (x * np.log(x) - x + 1.0) / snr
+    x = mu * snr
+    np.maximum(x, 1.0, out=x)
+    value = np.log(x)  # then (x ln x - x + 1) / a, in place: K x M temporaries are the cost at scale
+    value *= x
+    value -= x
+    value += 1.0
+    value /= snr
+    return value
 
 
 def _top(score: np.ndarray, count: int) -> np.ndarray:
