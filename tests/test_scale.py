@@ -210,9 +210,9 @@ def test_phases_are_announced_in_order():
 def test_progress_keeps_json_stdout_clean(tmp_path, monkeypatch):
     """With progress shown (threshold lowered to 0), stdout is still exactly one JSON line whose gains
     are the realised ones bit for bit."""
-    from sflllm.experiments import optimize as run_module
+    from sflllm.experiments import optimize_output
 
-    monkeypatch.setattr(run_module, "PROGRESS_MIN_SIZE", 0)
+    monkeypatch.setattr(optimize_output, "PROGRESS_MIN_SIZE", 0)
     path = tmp_path / "s.yaml"
     path.write_text("seed: 3\nclients: {count: 4}\nnetwork: {ms_subchannels: 9, fs_subchannels: 5}\n"
                     "baselines: {random_draws: 2}\n")

@@ -120,7 +120,7 @@ def optimize(
     from sflllm.experiments.optimize import OptimizeInputError, print_run, run_optimize
 
     try:
-        run = run_optimize(scenario, method=method, plot_dir=plot, save_realised=save_realised, progress=True)
+        run = run_optimize(scenario, method=method, plot_dir=plot, save_realised=save_realised)
     except OptimizeInputError as e:
         from rich.console import Console
 
