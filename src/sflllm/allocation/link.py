@@ -150,13 +150,55 @@ class Link:
         return self.gains / (self.noise_w_per_hz * self.bandwidth_hz)
 
     @functools.cached_property
-    def preference(self) -> tuple[list[list[int]], list[list[float]]]:
-        """Each client's subchannels by decreasing snr (lowest index first on ties), and those snr.
+    def snr_by_subchannel(self) -> np.ndarray:
+        """(M, K) snr, subchannel-major (the local search's screening reads it by subchannel)."""
+        return np.ascontiguousarray(self.snr.T)
 
-        Plain lists for :func:`greedy_assignment`, which walks them once per subchannel handed out.
-        """
-        order = np.argsort(-self.snr, axis=1, kind="stable")
-        return order.tolist(), np.take_along_axis(self.snr, order, axis=1).tolist()
+    @functools.cached_property
+    def preference(self) -> "_Preference":
+        """Each client's subchannels by decreasing snr (lowest index first on ties), for
+        :func:`greedy_assignment`; sorted lazily, a prefix per client at a time."""
+        return _Preference(self.snr)
+
+
+def _stable_top(rows: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` column indices of each row's ``argsort(-rows, kind="stable")`` (largest
+    value first, lowest index first on ties), at O(M) per row instead of a full sort."""
+    m = rows.shape[1]
+    neg = -rows
+    if count >= m:
+        return np.argsort(neg, axis=1, kind="stable")
+    kth = np.partition(neg, count - 1, axis=1)[:, count - 1 : count]
+    pick = neg <= kth
+    over = np.flatnonzero(pick.sum(axis=1) > count)  # rows with ties at the cut: lowest indices first
+    if over.size:
+        ahead, tied = neg[over] < kth[over], neg[over] == kth[over]
+        pick[over] = ahead | (tied & (np.cumsum(tied, axis=1) <= count - ahead.sum(axis=1, keepdims=True)))
+    cols = np.nonzero(pick)[1].reshape(rows.shape[0], count)  # ascending index within each row
+    return np.take_along_axis(cols, np.argsort(np.take_along_axis(neg, cols, axis=1), axis=1, kind="stable"), axis=1)
+
+
+class _Preference:
+    """Prefixes of each client's subchannels by decreasing snr, as plain lists (the greedy walks them
+    once per subchannel handed out).  Every client starts with a prefix of 32 plus four times its
+    fair share M/K (shorter ones made a third of the greedy's time at K = 1,000, M = 2,730 go to
+    extending them); one that runs out gets a prefix twice as long (at most the whole row)."""
+
+    def __init__(self, snr: np.ndarray):
+        k, m = snr.shape
+        self._snr = snr
+        self.order, self.value = self._prefix(snr, min(m, 32 + 4 * (-(-m // k))))
+
+    @staticmethod
+    def _prefix(rows: np.ndarray, count: int) -> tuple[list[list[int]], list[list[float]]]:
+        order = _stable_top(rows, count)
+        return order.tolist(), np.take_along_axis(rows, order, axis=1).tolist()
+
+    def extend(self, client: int) -> None:
+        """Double ``client``'s prefix (it has walked past its end)."""
+        row = self._snr[client : client + 1]
+        order, value = self._prefix(row, min(row.shape[1], 2 * len(self.order[client])))
+        self.order[client], self.value[client] = order[0], value[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -272,7 +314,10 @@ def _owned_rows(snr: np.ndarray, owner: np.ndarray) -> _Rows:
     rank = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)  # place within its row
     rows = np.zeros((snr.shape[0], int(counts.max())))
     rows[owner[order], rank] = own[order]
-    return _Rows(rows)
+    result = _Rows(rows)
+    result.place = np.empty(owner.size, dtype=np.intp)  # each subchannel's column in its owner's row
+    result.place[order] = rank
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,23 +433,36 @@ def equal_power_allocation(link: Link, owner, c, D) -> LinkAllocation:
     return _allocation(link, owner, equal_power(link, owner), c, data_bits)
 
 
-def _client_bits_per_hz(negated_snr: list[float], budget_w: float) -> float:
-    """Forward water-filling of one client (scalar form of :meth:`_Rows.max_rate`).
+class _ClientRate:
+    """One client's forward water-filling (scalar form of :meth:`_Rows.max_rate`) as the greedy hands
+    it subchannels.
 
-    ``negated_snr`` is the client's -snr in ascending order.  The greedy calls this once per
-    subchannel handed out, on a few entries, where numpy's per-call overhead would dominate.
+    The greedy gives a client its best free subchannel each time, so the client's snr arrive in
+    non-increasing order: each is appended to the sorted list.  Appending does not change the water
+    level of a shorter prefix, so the active prefix (the prefixes with mu_m a_m > 1, module
+    docstring) only grows while every prefix so far passes, and is fixed once one fails: O(1) per
+    subchannel, with the same running sums (and so the same floats) as a pass over the whole list.
     """
-    inv_sum = log_sum = 0.0
-    bits = 0.0
-    for m, neg in enumerate(negated_snr, start=1):
-        a = -neg
-        inv_sum += 1.0 / a
-        mu = (budget_w + inv_sum) / m
-        if mu * a <= 1.0:
-            break
-        log_sum += math.log2(a)
-        bits = m * math.log2(mu) + log_sum
-    return bits
+
+    __slots__ = ("budget_w", "count", "inv_sum", "log_sum", "bits", "closed")
+
+    def __init__(self, budget_w: float):
+        self.budget_w = budget_w
+        self.count = 0
+        self.inv_sum = self.log_sum = self.bits = 0.0
+        self.closed = False  # a prefix failed: later (weaker) subchannels stay inactive
+
+    def add(self, snr: float) -> None:
+        if self.closed:
+            return
+        self.count += 1
+        self.inv_sum += 1.0 / snr
+        mu = (self.budget_w + self.inv_sum) / self.count
+        if mu * snr <= 1.0:
+            self.closed = True
+            return
+        self.log_sum += math.log2(snr)
+        self.bits = self.count * math.log2(mu) + self.log_sum
 
 
 def greedy_assignment(link: Link, c, D, budget_w=None) -> np.ndarray:
@@ -425,27 +483,33 @@ def greedy_assignment(link: Link, c, D, budget_w=None) -> np.ndarray:
     budget = link.p_max_w if budget_w is None else np.asarray(budget_w, dtype=float)
     if budget.shape != (k,) or not np.all(np.isfinite(budget)) or np.any(budget < 0):
         raise ValueError(f"budget_w must be ({k},) finite non-negative powers, got shape {budget.shape}")
-    order, ordered_snr = link.preference
+    preference = link.preference
     owner = np.full(m, -1, dtype=np.intp)
     free = [True] * m
-    cursor = [0] * k  # each client's first position in ``order`` that may still be free
-    held: list[list[float]] = [[] for _ in range(k)]  # each client's -snr, ascending
+    cursor = [0] * k  # each client's first position in its preference that may still be free
+    rate = [_ClientRate(float(b)) for b in budget.tolist()]
+    c_list = c.tolist()
 
     def take(client: int) -> None:
         """Give ``client`` its best free subchannel (its largest snr, lowest index on ties)."""
-        mine, n = order[client], cursor[client]
-        while not free[mine[n]]:
-            n += 1
+        n = cursor[client]
+        while True:
+            mine = preference.order[client]
+            while n < len(mine) and not free[mine[n]]:
+                n += 1
+            if n < len(mine):
+                break
+            preference.extend(client)
         j, cursor[client] = mine[n], n + 1
         owner[j], free[j] = client, False
-        insort(held[client], -ordered_snr[client][n])
+        rate[client].add(preference.value[client][n])
 
     def latency(client: int) -> float:
-        bits = _client_bits_per_hz(held[client], float(budget[client]))
-        return c[client] + data_bits / (link.bandwidth_hz * bits) if bits > 0 else math.inf
+        bits = rate[client].bits
+        return c_list[client] + data_bits / (link.bandwidth_hz * bits) if bits > 0 else math.inf
 
-    for client in np.argsort(-c, kind="stable"):
-        take(int(client))
+    for client in np.argsort(-c, kind="stable").tolist():
+        take(client)
     lat = np.array([latency(i) for i in range(k)])
     for _ in range(m - k):
         straggler = int(np.argmax(lat))
@@ -470,7 +534,7 @@ def random_assignment(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     if K > M:
         raise ValueError(f"random_assignment: K = {K} clients cannot each own one of M = {M} subchannels")
     K, M = int(K), int(M)
-    chance = _covering_counts(K, M)[M][K] / K**M
+    chance = math.exp(_log_covering(K, M)[M, K])
     if chance < 1e-3:
         return _uniform_covering(rng, K, M)
     if chance >= 0.25:  # a few redraws at most: numpy's per-call cost is below the batching's
@@ -541,39 +605,122 @@ def _redraw_until_covering(rng: np.random.Generator, K: int, M: int, batch: int)
     return _plain_redraw(rng, K, M)
 
 
-@functools.lru_cache(maxsize=16)
-def _covering_counts(K: int, M: int) -> tuple[tuple[int, ...], ...]:
-    """N[r][u]: ways to give r more subchannels to K clients so that u given ones each get one.
+@functools.lru_cache(maxsize=4)
+def _log_covering(K: int, M: int) -> np.ndarray:
+    """(M + 1, K + 1) table of log q(r, u), q(r, u) = N(r, u) / K^r, where N(r, u) counts the ways to
+    give r more subchannels to K clients so that u given ones each get one.
 
     N(r, u) = u N(r-1, u-1) + (K - u) N(r-1, u): the next subchannel goes to one of the u clients
-    still uncovered or to one of the others; N(0, 0) = 1 and N(0, u) = 0 for u > 0.  Exact integers.
+    still uncovered or to one of the others; N(0, 0) = 1 and N(0, u) = 0 for u > 0.  So q(r, u) is the
+    chance that r uniform owners cover u given clients, and q(r, u) = (u/K) q(r-1, u-1) + (1 - u/K)
+    q(r-1, u).  Kept in logs: q(M, K) underflows a float at K = M = 1,000 (it is K!/K^K).  (An exact
+    integer table held numbers of up to M log2 K bits: 5 GB and 50 s at K = 1,000, M = 2,730; these
+    floats agree with it to about 1e-13 relative, so a draw compared with them could differ only when
+    a uniform lands that close to the threshold.)
     """
-    table = [(1,) + (0,) * K]
-    for _ in range(M):
-        prev = table[-1]
-        table.append(tuple((u * prev[u - 1] if u else 0) + (K - u) * prev[u] for u in range(K + 1)))
-    return tuple(table)
+    u = np.arange(K + 1, dtype=float)
+    with np.errstate(divide="ignore"):
+        log_new, log_old = np.log(u[1:] / K), np.log(1.0 - u / K)
+    table = np.full((M + 1, K + 1), -np.inf)
+    table[0, 0] = 0.0
+    for r in range(1, M + 1):
+        prev = table[r - 1]
+        table[r, 0] = 0.0
+        table[r, 1:] = np.logaddexp(log_new + prev[:-1], log_old[1:] + prev[1:])
+    return table
+
+
+@functools.lru_cache(maxsize=4)
+def _new_client_chance(K: int, M: int) -> np.ndarray:
+    """(M + 1, K + 1) table: with r subchannels left and u clients uncovered, the chance that the next
+    subchannel goes to an uncovered client, u N(r-1, u-1) / N(r, u) = (u/K) q(r-1, u-1) / q(r, u)
+    (0 where u = 0 or the state cannot occur)."""
+    log_q = _log_covering(K, M)
+    u = np.arange(1, K + 1, dtype=float)
+    chance = np.zeros((M + 1, K + 1))
+    with np.errstate(invalid="ignore"):
+        ratio = np.exp(np.log(u / K) + log_q[:-1, :-1] - log_q[1:, 1:])
+    chance[1:, 1:] = np.where(np.isfinite(log_q[1:, 1:]), ratio, 0.0)
+    return chance
+
+
+class _ScalarDraws:
+    """``Generator.random()`` and ``Generator.integers(n)`` (1 <= n < 2^32) of a PCG64 generator,
+    computed in Python from its raw 64-bit outputs, fetched 4,096 at a time.
+
+    numpy's scalar calls cost about 1 us each, which a loop of one draw per subchannel (218,000 calls
+    at K = 1,000, M = N = 2,730) feels.  numpy's own rules, reproduced: ``random()`` is the top 53
+    bits of one output times 2^-53; ``integers(n)`` is 0 without a draw for n = 1, else Lemire's
+    bounded draw on 32-bit halves (low half first, the high half kept for the next 32-bit draw, see
+    :func:`_pcg_after`), redrawn while the product's low word is below (2^32 - n) mod n.
+    :meth:`finish` leaves the generator where the same calls on it would have.  Tests compare all
+    three with numpy's.
+    """
+
+    def __init__(self, rng: np.random.Generator):
+        self.bitgen = rng.bit_generator
+        start = self.bitgen.state
+        self.has_spare, self.spare = start["has_uint32"], start["uinteger"]  # as numpy keeps them
+        self.source = type(self.bitgen)()
+        self.source.state = start
+        self.words: list[int] = []
+        self.next = self.used = 0
+
+    def _word(self) -> int:
+        if self.next == len(self.words):
+            self.used += len(self.words)
+            self.words, self.next = self.source.random_raw(4096).tolist(), 0
+        word = self.words[self.next]
+        self.next += 1
+        return word
+
+    def random(self) -> float:
+        return (self._word() >> 11) * (1.0 / 9007199254740992.0)
+
+    def integers(self, n: int) -> int:
+        if n == 1:
+            return 0
+        while True:
+            if self.has_spare:
+                half, self.has_spare = self.spare, 0
+            else:
+                word = self._word()
+                self.has_spare, self.spare, half = 1, word >> 32, word & 0xFFFFFFFF
+            scaled = half * n
+            if scaled & 0xFFFFFFFF >= n or scaled & 0xFFFFFFFF >= (0xFFFFFFFF - (n - 1)) % n:
+                return scaled >> 32
+
+    def finish(self) -> None:
+        """Move the generator past the draws taken, with its spare 32-bit half as they left it."""
+        self.bitgen.advance(self.used + self.next)  # (advance clears the spare half: set it after)
+        self.bitgen.state = {**self.bitgen.state, "has_uint32": self.has_spare, "uinteger": self.spare}
 
 
 def _uniform_covering(rng: np.random.Generator, K: int, M: int) -> np.ndarray:
     """Exact uniform draw of an owner array covering all K clients, subchannel by subchannel: with r
     subchannels left and u clients uncovered, an uncovered client gets the next one with probability
-    u N(r-1, u-1) / N(r, u) (see :func:`_covering_counts`), uniformly among the uncovered (else among
-    the covered) clients in increasing index order.  Plain lists: this loop runs once per subchannel."""
-    counts = _covering_counts(K, M)
+    u N(r-1, u-1) / N(r, u) = (u/K) q(r-1, u-1) / q(r, u) (see :func:`_log_covering`), uniformly among
+    the uncovered (else among the covered) clients in increasing index order: ``rng.random()``, then
+    ``rng.integers(u)`` or ``rng.integers(number covered)``.  Plain lists: this loop runs once per
+    subchannel; PCG64 generators are read through :class:`_ScalarDraws` (the same numbers)."""
+    p_new = _new_client_chance(K, M)
+    fast = type(rng.bit_generator) in (np.random.PCG64, np.random.PCG64DXSM)
+    draws = _ScalarDraws(rng) if fast else rng
+    uniform, integers = draws.random, draws.integers
     uncovered = list(range(K))  # both ascending, as np.flatnonzero would list them
     covered: list[int] = []
-    owner = np.empty(M, dtype=np.int64)
+    owner = [0] * M
     for i in range(M):
-        r, u = M - i, len(uncovered)
-        p_uncovered = u * counts[r - 1][u - 1] / counts[r][u] if u else 0.0
-        if rng.random() < p_uncovered:
-            client = uncovered.pop(int(rng.integers(u)))
+        u = len(uncovered)
+        if uniform() < p_new.item(M - i, u):
+            client = uncovered.pop(integers(u))
             insort(covered, client)
         else:
-            client = covered[int(rng.integers(len(covered)))]
+            client = covered[integers(len(covered))]
         owner[i] = client
-    return owner
+    if fast:
+        draws.finish()
+    return np.array(owner, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,8 +754,14 @@ def _subchannel_value(snr: np.ndarray, mu: np.ndarray) -> np.ndarray:
     and frees its own mu - 1/a: the net is (x ln x - x + 1) / a with x = mu a (0 when inactive).
     Used only to rank moves and swaps on large instances; their merit is then computed exactly.
     """
-    x = np.maximum(mu * snr, 1.0)
-    return (x * np.log(x) - x + 1.0) / snr
+    x = mu * snr
+    np.maximum(x, 1.0, out=x)
+    value = np.log(x)  # then (x ln x - x + 1) / a, in place: K x M temporaries are the cost at scale
+    value *= x
+    value -= x
+    value += 1.0
+    value /= snr
+    return value
 
 
 def _top(score: np.ndarray, count: int) -> np.ndarray:
@@ -616,6 +769,136 @@ def _top(score: np.ndarray, count: int) -> np.ndarray:
     if score.size <= count:
         return np.arange(score.size)
     return np.argpartition(-score, count)[:count]
+
+
+#: most (pair) candidates the screening of swaps expands at once (see :func:`_screen_swaps`)
+SCREEN_CAPACITY = 2**22
+#: up to this many swaps (K = 200 and M = 546 have 150,000) scoring them all is the quicker way
+SCREEN_SCAN_MAX = 2**18
+_BLOCK = 2**20  # entries of a (rows, M) block of swap scores computed at once by the fallback scan
+
+
+def _best(scores: np.ndarray, positions: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest ``scores``, the lower position first on ties."""
+    if scores.size <= count:
+        return np.arange(scores.size)
+    cut = np.partition(scores, scores.size - count)[scores.size - count]
+    near = np.flatnonzero(scores >= cut)  # the count largest and any ties with the last
+    return near[np.lexsort((positions[near], -scores[near]))[:count]]
+
+
+def _top_positions(scores: np.ndarray, positions: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` largest ``scores`` (the lower position first on ties), ascending."""
+    return np.sort(positions[_best(scores, positions, count)])
+
+
+def _screen_moves(gain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(r, j) of the LOCAL_SEARCH_SCREENED moves (client r takes subchannel j) with the largest
+    ``gain[j, r]`` (-inf: j's owner), ties to the lower (r, j); listed in (r, j) order.
+
+    Only moves reaching the LOCAL_SEARCH_SCREENED-th largest of the subchannels' best moves (a lower
+    bound on the overall one) are ranked.
+    """
+    m, k = gain.shape
+    per_row = -(-LOCAL_SEARCH_SCREENED // m)
+    if per_row == 1:
+        best = gain.max(axis=1)
+    else:
+        best = np.partition(gain, k - per_row, axis=1)[:, k - per_row :].ravel() if per_row < k else gain.ravel()
+    bound = -np.inf
+    if best.size >= LOCAL_SEARCH_SCREENED:
+        bound = -np.partition(-best, LOCAL_SEARCH_SCREENED - 1)[LOCAL_SEARCH_SCREENED - 1]
+    flat = np.flatnonzero((gain >= bound) & (gain > -np.inf))
+    key = _top_positions(gain.ravel()[flat], flat % k * m + flat // k, LOCAL_SEARCH_SCREENED)
+    return key // m, key % m
+
+
+def _swap_gain(value: np.ndarray, held: np.ndarray, owner: np.ndarray, j1: np.ndarray, j2: np.ndarray) -> np.ndarray:
+    """First-order power saved by swapping subchannels j1 and j2 (``value[j, r]``: see
+    :func:`_subchannel_value`; ``held[j] = value[j, owner[j]]``)."""
+    return value[j2, owner[j1]] + value[j1, owner[j2]] - held[j1] - held[j2]
+
+
+def _screen_swaps(value: np.ndarray, held: np.ndarray, gain: np.ndarray,
+                  owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(j1, j2) of the LOCAL_SEARCH_SCREENED swaps (j1 < j2 of different owners) with the largest
+    :func:`_swap_gain`, ties to the lower (j1, j2); listed in (j1, j2) order.
+
+    Swapping x (owned by a) with y (owned by b) gains G[a, y] + G[b, x] (up to rounding), G[r, j] =
+    ``gain[j, r]`` = value - held the gain of moving j to r.  So the best swap between clients a and b
+    gains P[a, b] + P[b, a], P[a, b] the largest G[a, y] over b's subchannels y (a K x K table).  A
+    lower bound tau on the LOCAL_SEARCH_SCREENED-th largest gain comes from the sums of the 16 best
+    moves each way between the client pairs with the largest best swaps; only client pairs whose best
+    swap reaches tau, and within them only swaps whose two moves sum to tau, are scored exactly (less
+    a rounding margin).  That is O(K M + K^2) instead of scoring all M^2 / 2 swaps; when there are
+    at most SCREEN_SCAN_MAX swaps, or more than SCREEN_CAPACITY would pass (many equal gains), every
+    swap is scored, in blocks (:func:`_scan_swaps`).
+    """
+    m, k = gain.shape
+    mine = np.argsort(owner, kind="stable")  # each client's subchannels, contiguous
+    counts = np.bincount(owner, minlength=k)
+    if m * (m - 1) // 2 - int((counts * (counts - 1) // 2).sum()) <= SCREEN_SCAN_MAX:
+        return _scan_swaps(value, held, owner)
+    starts = np.cumsum(counts) - counts
+    toward = np.full((k, k), -np.inf)  # toward[b, a] = P[a, b]
+    place = np.arange(m) - np.repeat(starts, counts)
+    for n in range(int(counts.max())):
+        rows = mine[place == n]
+        toward[owner[rows]] = np.maximum(toward[owner[rows]], gain[rows])
+    a_all, b_all = np.triu_indices(k, k=1)
+    best_swap = toward[a_all, b_all] + toward[b_all, a_all]
+    margin = 8 * np.finfo(float).eps * (value.max() + held.max())  # both >= 0
+
+    def sides(a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """b's subchannels y with G[a, y], and a's subchannels x with G[b, x], each by decreasing G."""
+        ys, xs = mine[starts[b] : starts[b] + counts[b]], mine[starts[a] : starts[a] + counts[a]]
+        gy, gx = gain[ys, a], gain[xs, b]
+        oy, ox = np.argsort(-gy, kind="stable"), np.argsort(-gx, kind="stable")
+        return ys[oy], gy[oy], xs[ox], gx[ox]
+
+    sample = [np.empty(0)]
+    for a, b in zip(a_all[_top(best_swap, LOCAL_SEARCH_SCREENED)].tolist(),
+                    b_all[_top(best_swap, LOCAL_SEARCH_SCREENED)].tolist()):
+        _, gy, _, gx = sides(a, b)
+        sample.append((gy[:16, None] + gx[None, :16]).ravel())
+    sample = np.concatenate(sample)
+    tau = -np.inf
+    if sample.size >= LOCAL_SEARCH_SCREENED:
+        tau = -np.partition(-sample, LOCAL_SEARCH_SCREENED - 1)[LOCAL_SEARCH_SCREENED - 1] - margin
+    pairs = np.flatnonzero(best_swap >= tau)
+    if pairs.size <= SCREEN_CAPACITY // 64:
+        found, total = [np.empty(0, dtype=np.intp)], 0
+        for a, b in zip(a_all[pairs].tolist(), b_all[pairs].tolist()):
+            ys, gy, xs, gx = sides(a, b)
+            reach = np.searchsorted(-gx, gy - tau, side="right")  # the x with G[b, x] >= tau - G[a, y]
+            total += int(reach.sum())
+            if total > SCREEN_CAPACITY:
+                break
+            y = np.repeat(ys, reach)
+            x = xs[np.arange(reach.sum()) - np.repeat(np.cumsum(reach) - reach, reach)]
+            found.append(np.minimum(x, y) * m + np.maximum(x, y))
+        else:
+            key = np.concatenate(found)
+            key = _top_positions(_swap_gain(value, held, owner, key // m, key % m), key, LOCAL_SEARCH_SCREENED)
+            return key // m, key % m
+    return _scan_swaps(value, held, owner)
+
+
+def _scan_swaps(value: np.ndarray, held: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_screen_swaps` by scoring every swap, _BLOCK at a time (for few swaps, or many ties)."""
+    m = owner.size
+    cols = np.arange(m)
+    kept_gain, kept_key = np.empty(0), np.empty(0, dtype=np.intp)
+    step = max(1, _BLOCK // m)
+    for lo in range(0, m, step):
+        rows = cols[lo : lo + step]
+        r, c = np.nonzero((cols[None, :] > rows[:, None]) & (owner[None, :] != owner[rows][:, None]))
+        key = np.concatenate([kept_key, rows[r] * m + c])
+        gain_rc = np.concatenate([kept_gain, _swap_gain(value, held, owner, rows[r], c)])
+        top = _best(gain_rc, key, LOCAL_SEARCH_SCREENED)
+        kept_gain, kept_key = gain_rc[top], key[top]
+    key = np.sort(kept_key)
+    return key // m, key % m
 
 
 def _neighbourhood(
@@ -629,8 +912,13 @@ def _neighbourhood(
     two clients' powers, so only those need a new inverse water-filling.
 
     Every move and swap is scored when there are at most LOCAL_SEARCH_FULL of them; otherwise the
-    LOCAL_SEARCH_SCREENED best of each by :func:`_subchannel_value`.  Returns, per neighbour, the
-    two (subchannel, new owner) changes -- a move's second change is a no-op on its own subchannel --
+    LOCAL_SEARCH_SCREENED best of each by :func:`_subchannel_value` (:func:`_screen_moves`,
+    :func:`_screen_swaps`: O(K M) time and memory, not O(M^2)).  Where the cut falls among equal
+    scores, the lowest (client, subchannel) or (j1, j2) are kept, and the neighbours are listed in
+    that order.  (An argpartition of all scores kept an arbitrary subset in an arbitrary order: the
+    same neighbours and the same results wherever scores are distinct, e.g. at K = 50 to 1,000 with
+    Rayleigh fading; a different descent, about 1e-6 relative apart, where many tie.)  Returns, per neighbour, the two
+    (subchannel, new owner) changes -- a move's second change is a no-op on its own subchannel --
     the two touched clients' new powers minus their old ones, and phi.
     """
     k, m = link.gains.shape
@@ -642,29 +930,34 @@ def _neighbourhood(
     base, mu = rows.min_power(rho)
     counts = np.bincount(owner, minlength=k)
 
-    mv_r, mv_j = np.nonzero(owner[None, :] != np.arange(k)[:, None])
-    sw_1, sw_2 = np.triu_indices(m, k=1)
-    keep = owner[sw_1] != owner[sw_2]
-    sw_1, sw_2 = sw_1[keep], sw_2[keep]
-    if mv_r.size + sw_1.size > LOCAL_SEARCH_FULL:
-        value = _subchannel_value(snr, mu[:, None])
-        held = value[owner, cols]
-        pick = _top(value[mv_r, mv_j] - held[mv_j], LOCAL_SEARCH_SCREENED)
-        mv_r, mv_j = mv_r[pick], mv_j[pick]
-        gain = value[owner[sw_1], sw_2] + value[owner[sw_2], sw_1] - held[sw_1] - held[sw_2]
-        pick = _top(gain, LOCAL_SEARCH_SCREENED)
-        sw_1, sw_2 = sw_1[pick], sw_2[pick]
+    if _neighbourhood_count(counts) > LOCAL_SEARCH_FULL:
+        value = _subchannel_value(link.snr_by_subchannel, mu[None, :])  # (M, K): value[j, r]
+        held = value[cols, owner]
+        gain = value - held[:, None]  # gain[j, r]: moving j to r (-inf: to its owner)
+        gain[cols, owner] = -np.inf
+        mv_r, mv_j = _screen_moves(gain)
+        sw_1, sw_2 = _screen_swaps(value, held, gain, owner)
+    else:  # K = 1 has no neighbour; otherwise M (K - 1) <= LOCAL_SEARCH_FULL, so M is small
+        mv_r, mv_j = np.nonzero(owner[None, :] != np.arange(k)[:, None])
+        sw_1, sw_2 = np.triu_indices(m if k > 1 else 0, k=1)
+        keep = owner[sw_1] != owner[sw_2]
+        sw_1, sw_2 = sw_1[keep], sw_2[keep]
 
-    # each subchannel's owner without it (inf power when that would leave the owner with none)
-    mine = owner[:, None] == owner[None, :]
-    without = -np.sort(-np.where(mine & (cols[:, None] != cols[None, :]), snr[owner], 0.0), axis=1)[:, :width]
-    loss, _ = _Rows(without).min_power(rho[owner])
-    loss = np.where(counts[owner] > 1, loss, np.inf)
+    # a subchannel's owner without it: the owner's sorted row less that subchannel's column (only for
+    # the subchannels the neighbours move: M x width values at once could be gigabytes)
+    padded = np.concatenate([rows.snr, np.zeros((k, 1))], axis=1)
+    place = np.arange(width)[None, :]
 
+    def without(j: np.ndarray) -> np.ndarray:
+        return padded[owner[j][:, None], place + (place >= rows.place[j][:, None])]
+
+    # the owner's power without the subchannel it gives away (inf when it would be left with none)
+    loss, _ = _Rows(without(mv_j)).min_power(rho[owner[mv_j]])
+    loss = np.where(counts[owner[mv_j]] > 1, loss, np.inf)
     # new powers: the receiver of a move, and both sides of a swap
     received, _ = _Rows(
         _insert_sorted(
-            np.concatenate([rows.snr[mv_r], without[sw_1], without[sw_2]]),
+            np.concatenate([rows.snr[mv_r], without(sw_1), without(sw_2)]),
             np.concatenate([snr[mv_r, mv_j], snr[owner[sw_1], sw_2], snr[owner[sw_2], sw_1]]),
         )
     ).min_power(np.concatenate([rho[mv_r], rho[owner[sw_1]], rho[owner[sw_2]]]))
@@ -675,7 +968,7 @@ def _neighbourhood(
     a = np.concatenate([mv_r, owner[sw_1]])
     b = np.concatenate([owner[mv_j], owner[sw_2]])
     pa = np.concatenate([received[:n_mv], received[n_mv : n_mv + n_sw]])
-    pb = np.concatenate([loss[mv_j], received[n_mv + n_sw :]])
+    pb = np.concatenate([loss, received[n_mv + n_sw :]])
     changes = np.stack(
         [first, np.concatenate([mv_r, owner[sw_2]]), second, np.concatenate([mv_r, owner[sw_1]])], axis=1
     )
@@ -767,6 +1060,13 @@ def _local_search(
 def _neighbourhood_size(k: int, m: int) -> int:
     """Upper bound on moves + swaps: K*M moves, M(M-1)/2 swaps."""
     return k * m + m * (m - 1) // 2
+
+
+def _neighbourhood_count(counts: np.ndarray) -> int:
+    """Moves (M (K - 1)) plus swaps (pairs of subchannels of different owners) of an assignment whose
+    clients own ``counts`` subchannels each."""
+    k, m = counts.size, int(counts.sum())
+    return m * (k - 1) + m * (m - 1) // 2 - int((counts * (counts - 1) // 2).sum())
 
 
 def solve_link(link: Link, c, D) -> LinkAllocation:

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 from sflllm.allocation import link as link_solver
 from sflllm.allocation.link import Link, LinkAllocation
-from sflllm.allocation.scenario import Realised
+from sflllm.allocation.scenario import Realised, Scenario
 from sflllm.cost.delay import (
     DelayReport,
     SystemTimes,
@@ -459,6 +459,32 @@ class Optimiser:
         return _mean_over_draws(subchannel), _mean_over_draws(everything)
 
 
+#: Largest number of subchannels on one link, and of clients times subchannels on one link, that
+#: ``optimise`` accepts.  Measured on a 2-core machine: 2 clients with 10,000 subchannels take about
+#: 6 s of CPU and 0.45 GB (each client then owns ~5,000, and the local search water-fills a few
+#: hundred rows that long per pass); 1,000 clients with 2,730 subchannels (2.7 million per link)
+#: take about 3 s and 0.6 GB (the realised gains are written out in full, spec §8).  Past these the
+#: time and memory grow quickly (10^5 subchannels did not finish), so such a scenario is refused
+#: before any work.
+MAX_SUBCHANNELS = 10_000
+MAX_CLIENT_SUBCHANNELS = 4_000_000
+
+
+def check_size(scenario: Scenario) -> None:
+    """Refuse a scenario larger than ``optimise`` handles in seconds (``MAX_SUBCHANNELS``,
+    ``MAX_CLIENT_SUBCHANNELS``), naming the field; call before :func:`realise` (which draws K x M gains)."""
+    K = scenario.clients.count
+    for field_name in ("network.ms_subchannels", "network.fs_subchannels"):
+        M = getattr(scenario.network, field_name.split(".")[1])
+        if M > MAX_SUBCHANNELS:
+            raise MethodError(f"{field_name}: {M} subchannels is more than the optimiser handles "
+                              f"(at most {MAX_SUBCHANNELS:,} per link); lower it")
+        if K * M > MAX_CLIENT_SUBCHANNELS:
+            raise MethodError(f"{field_name}: {M} subchannels for clients.count = {K} clients is more than the "
+                              f"optimiser handles (at most {MAX_CLIENT_SUBCHANNELS:,} clients x subchannels per "
+                              "link); lower either")
+
+
 def check_exact_size(problem: Problem) -> None:
     """Refuse ``--method exact`` on a link too large for the exact solver, naming the scenario fields."""
     K = problem.realised.num_clients
@@ -480,17 +506,28 @@ def _exact_hint(K: int) -> str:
     return f"{K} clients need {K} subchannels at least, too many; at most {clients} clients can be solved exactly"
 
 
-def optimise(realised: Realised, method: str = "proposed") -> Outcome:
+def phases(method: str = "proposed") -> tuple[str, ...]:
+    """The phases :func:`optimise` runs for ``method``, in order (the keys of ``Outcome.timings_s``)."""
+    exact = ("exact",) if method == "exact" else ()
+    return ("build_problem", "proposed", *exact, "fixed_split", "fixed_rank", "equal_power", "random")
+
+
+def optimise(realised: Realised, method: str = "proposed", *,
+             on_phase: Callable[[str], None] | None = None) -> Outcome:
     """Run ``method`` and every baseline (spec §5); the solution reported is ``method``'s.
 
     A random baseline's solution shows its first draw; its delays are means over draws (``Solution``).
+    ``on_phase(name)`` is called as each of :func:`phases` starts (e.g. to show progress).
     """
     if method not in METHODS:
         raise MethodError(f"--method: unknown method {method!r} (choose one of {', '.join(METHODS)})")
+    check_size(realised.scenario)
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
     def timed(name: str, run: Callable):
+        if on_phase is not None:
+            on_phase(name)
         tic = time.perf_counter()
         value = run()
         timings[name] = time.perf_counter() - tic

@@ -37,6 +37,7 @@ def result_json(outcome: Outcome) -> dict[str, Any]:
     ``round_delay_s``, ``iteration_delay_s`` and ``breakdown`` are means over its ``random_draws``
     draws (as in "baselines"; the mean breakdown adds up to the mean total, spec §8);
     ``draw_total_delay_s`` is the first draw's own T_total and ``draws`` the number of draws.
+    The scenario's gain matrices are the realised scenario's own lists (not copies): do not mutate them.
     """
     solution = outcome.solution
     delay = solution.delay
@@ -57,7 +58,7 @@ def result_json(outcome: Outcome) -> dict[str, Any]:
         "breakdown": solution.breakdown,
         "baselines": outcome.baselines,
         "proposed_total_delay_s": outcome.proposed.total_delay_s,
-        "scenario": outcome.problem.realised.scenario.model_dump(mode="json"),
+        "scenario": None,  # filled in below, without a copy of the gains
         "profile": profile_table(outcome),
         "solve_time_s": outcome.solve_time_s,
         "timings_s": outcome.timings_s,
@@ -65,7 +66,27 @@ def result_json(outcome: Outcome) -> dict[str, Any]:
     if solution.draws > 1:
         result["draws"] = solution.draws
         result["draw_total_delay_s"] = delay.total_delay_s
-    return plain(result)
+    result = plain(result)
+    result["scenario"] = scenario_json(outcome.problem.realised.scenario)
+    return result
+
+
+_GAIN_FIELDS = ("gains_ms", "gains_fs")
+
+
+def scenario_json(scenario) -> dict[str, Any]:
+    """The realised scenario as plain JSON values; the K x M gain matrices are the scenario's own lists.
+
+    They hold K (M + N) floats (5.5 million at K = 1,000, M = N = 2,730): dumping and walking a copy of
+    them took more time and memory than the whole solve, so they are shared rather than copied (they
+    are already plain lists of floats, spec §8).
+    """
+    dumped = scenario.model_dump(mode="json", exclude={"network": set(_GAIN_FIELDS)})
+    network = dumped["network"]
+    for name in _GAIN_FIELDS:
+        network[name] = getattr(scenario.network, name)
+    dumped["network"] = {key: network[key] for key in type(scenario.network).model_fields}  # field order kept
+    return dumped
 
 
 def _subchannels(owner: np.ndarray, client: int) -> str:

@@ -6,11 +6,11 @@ written last, each file atomically). No torch; matplotlib only with ``plot_dir``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sflllm.allocation.optimize import MethodError, Outcome, optimise
+from sflllm.allocation.optimize import MethodError, Outcome, check_size, optimise
+from sflllm.experiments.optimize_output import phase_progress, write_json_line
 from sflllm.allocation.report import render, result_json
 from sflllm.allocation.scenario import ScenarioError, load_scenario, realise
 from sflllm.files import FileInputError, check_creatable_dir, write_atomic
@@ -43,8 +43,11 @@ def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Pat
     except FileInputError as exc:
         raise OptimizeInputError(str(exc)) from None
     try:
-        realised = realise(load_scenario(scenario_path))
-        outcome = optimise(realised, method)
+        scenario = load_scenario(scenario_path)
+        check_size(scenario)  # before realise draws K x M gains
+        realised = realise(scenario)
+        with phase_progress(realised, method) as on_phase:  # on stderr, for a large scenario
+            outcome = optimise(realised, method, on_phase=on_phase)
     except (ScenarioError, MethodError) as exc:
         raise OptimizeInputError(str(exc)) from None
     result = result_json(outcome)
@@ -64,7 +67,7 @@ def run_optimize(scenario_path: Path, *, method: str = "proposed", plot_dir: Pat
 def print_run(run: OptimizeRun, *, as_json: bool) -> None:
     """One JSON object on stdout (``--json``; rich is not imported then) or the rich tables."""
     if as_json:
-        print(json.dumps(run.result))
+        write_json_line(run.result)
         return
     from rich.console import Console
 
