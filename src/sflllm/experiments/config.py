@@ -43,6 +43,7 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] | None = Field(None, min_length=1, description="None: the model type's default")
     server_adapter: Literal["shared", "per_client"] = "shared"
+    act_bits: Literal[32, 16, 8] = Field(32, description="bits per value at the cut, both directions (sfl.precision)")
     local_steps: int = Field(6, ge=1)
     rounds: int = Field(6, ge=1)
     batch_size: int = Field(8, ge=1)

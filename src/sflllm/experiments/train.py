@@ -264,6 +264,7 @@ def prepare(config: TrainConfig) -> _Run:
         weight_decay=config.weight_decay,
         seed=config.seed,
         server_adapter=config.server_adapter,
+        act_bits=config.act_bits,
     )
     federation = make_federation(split, client_data, hyper)
     return _Run(config, split, tokenizer, federation, eval_tokens, generation_examples)

@@ -5,5 +5,6 @@ Modes ``sfl`` (the protocol), ``centralized``, ``fl`` and ``sl`` (baselines) sha
 
 from sflllm.sfl.federated_server import fedavg
 from sflllm.sfl.federation import Federation, Hyper, make_federation
+from sflllm.sfl.precision import ACT_BITS, quantize_cut
 
-__all__ = ["Federation", "Hyper", "fedavg", "make_federation"]
+__all__ = ["ACT_BITS", "Federation", "Hyper", "fedavg", "make_federation", "quantize_cut"]

@@ -37,6 +37,7 @@ from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.client import Batch, ClientState, Cursor, client_backward, client_forward, to_cut
 from sflllm.sfl.federated_server import aggregate_and_broadcast
 from sflllm.sfl.main_server import check_cut, serve_per_client, serve_shared
+from sflllm.sfl.precision import check_act_bits, quantize_cut
 
 Mode = Literal["sfl", "centralized", "fl", "sl"]
 MODES = ("sfl", "centralized", "fl", "sl")
@@ -57,8 +58,10 @@ class Hyper:
     weight_decay: float = 0.0
     seed: int = 0
     server_adapter: Literal["shared", "per_client"] = "shared"
+    act_bits: int = 32  # q_act: precision of activations and their gradients at the cut (sfl.precision)
 
     def __post_init__(self) -> None:
+        check_act_bits(self.act_bits)
         if self.mode not in MODES:
             raise ValueError(f"Hyper.mode must be one of {MODES}, got {self.mode!r}")
         if self.server_adapter not in SERVER_ADAPTERS:
@@ -219,12 +222,13 @@ class Federation:
         """One synchronous local iteration over the cut (spec §1): forward, MS step, backward."""
         batches = [c.next_batch() for c in clients]
         hidden = [client_forward(self.split.client, c.adapter.tensors, b) for c, b in zip(clients, batches)]
-        sent = [to_cut(h) for h in hidden]
+        sent = [to_cut(quantize_cut(h, self.hyper.act_bits)) for h in hidden]
         check_cut(sent, batches, self._hidden_size, self._dtype)
         if len(servers) == 1:
             losses, grads = serve_shared(self.split.server, servers[0], sent, batches)
         else:
             losses, grads = serve_per_client(self.split.server, servers, sent, batches)
+        grads = [quantize_cut(g, self.hyper.act_bits) for g in grads]
         for client, h, g in zip(clients, hidden, grads, strict=True):
             client_backward(h, g, client.adapter)
         return losses

@@ -1,0 +1,515 @@
+"""``sflllm run``: optimise the allocation for the model actually trained, train with the choice,
+and compare every method by held-out loss against simulated wall-clock time.
+
+Steps (all validation happens before ``DIR`` is created; nothing is left in it on bad input):
+
+1. The scenario (``--scenario``, else :data:`DEMO_SCENARIO`) gives K, I, b, s, the rank set, E(r), the
+   clients and the network. ``--calibration DIR`` replaces its ``training.ranks`` and
+   ``training.rounds_per_rank`` with the measured ones (``sflllm calibrate``). ``--act-bits`` overrides
+   ``model.act_bits``. The run has no flags for K, I, b or s, so they cannot contradict the scenario:
+   the scenario is their single source; ``--act-bits`` is the one override, said in the report.
+2. The model profile is the trained model's own (its HF config), never the scenario's preset.
+3. The optimiser (spec §5) picks (l, r) and allocations for ``proposed`` and every baseline.
+4. Every distinct (l, r) among the methods is trained once (``sflllm train``'s engine, same data and
+   seed) into ``DIR/pairs/l<l>-r<r>-q<bits>/``; methods that share a pair share its trace.
+5. For every method and round, the allocation in force (:mod:`sflllm.allocation.rounds`) gives that
+   round's T_round (spec §4); the simulated time after round t is the sum of T_round over rounds 1..t.
+6. Time to the target loss per method, and proposed's reduction against each baseline.
+
+``--resume DIR`` continues an interrupted run: every pair's training resumes bit-identically from its
+checkpoint and the rest is recomputed (deterministic from the seeds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+
+from sflllm.allocation.optimize import BASELINES, Outcome, optimise
+from sflllm.allocation.rounds import FADING, RoundAllocation, round_allocations
+from sflllm.allocation.scenario import (
+    Realised,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    realise,
+    scenario_from_mapping,
+    scenario_to_yaml,
+)
+from sflllm.cost.profile import ModelProfile, profile_from_config
+from sflllm.experiments.checkpoint import write_atomic, write_json_atomic
+from sflllm.experiments.config import (
+    TrainConfig,
+    TrainInputError,
+    config_to_yaml,
+    describe_validation_error,
+    read_config_file,
+)
+from sflllm.experiments.train import (
+    METRICS_FILE,
+    STATE_FILE,
+    TrainResult,
+    default_output_dir,
+    load_model_and_tokenizer,
+    prepare,
+    resume_train,
+    run_train,
+)
+
+METHODS = ("proposed", *BASELINES)
+RUN_FILE = "run.yaml"
+SCENARIO_FILE = "scenario.yaml"
+MODEL_CONFIG_FILE = "model_config.json"
+PAIRS_DIR = "pairs"
+RUN_METRICS_SCHEMA = "sflllm.run.metrics/1"
+
+# The offline demo's scenario: the spec §6 defaults, except what fits the built-in tiny model and a
+# 3-minute run on 2 cores (K, I, b, s, the rank set, fewer subchannels), with E(r) measured on it by
+# `sflllm calibrate --max-rounds 14 --target-loss 3.4` (rank 1, which needs 14 rounds, is left out to
+# keep the demo short). DEMO_TARGET_LOSS is that target; the demo uses it unless told otherwise.
+DEMO_SCENARIO: dict[str, Any] = {
+    "seed": 0,
+    "model": {"seq_len": 104},
+    "training": {"batch_size": 8, "local_steps": 4, "ranks": [2, 4, 8], "rounds_per_rank": {2: 8, 4: 7, 8: 7}},
+    "clients": {"count": 3},
+    "network": {"ms_subchannels": 12, "fs_subchannels": 6},
+}
+DEMO_TARGET_LOSS = 3.4
+
+
+class RunOptions(BaseModel):
+    """What ``sflllm run`` was asked to do (saved as ``DIR/run.yaml``; ``--resume`` reads it back)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scenario: str | None = Field(None, description="scenario YAML (spec §6); None: the built-in demo scenario")
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    train_samples: int | None = Field(None, ge=1)
+    eval_samples: int = Field(64, ge=1)
+    calibration: str | None = Field(None, description="an `sflllm calibrate` output folder: its E(r) is used")
+    fading: Literal["static", "block"] = "static"
+    act_bits: Literal[32, 16, 8] | None = Field(None, description="None: the scenario's model.act_bits")
+    rounds: int | None = Field(None, ge=1, description="rounds to train each pair; None: the largest E(r) among the methods' ranks")
+    target_loss: float | None = Field(None, gt=0, description="None: calibration's target, else the loosest final loss")
+    lr: float | None = Field(None, gt=0)
+    notes: tuple[str, ...] = Field((), description="what overrode the scenario (kept for --resume's report)")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before training: the realised scenario, the optimiser's outcome, what to train."""
+
+    options: RunOptions
+    scenario: Scenario            # after calibration and overrides; model section as given
+    realised: Realised            # with the trained model's profile
+    outcome: Outcome
+    method_pairs: dict[str, tuple[int, int]]
+    rounds: int
+    act_bits: int
+    train_configs: dict[str, TrainConfig]   # pair key -> config (incl. the 32-bit reference, if any)
+    method_keys: dict[str, str]              # method -> pair key
+    reference_key: str | None                # the 32-bit trace of proposed's pair when act_bits < 32
+    target_loss: float | None
+    target_source: str
+    overrides: tuple[str, ...]
+    model_source: str
+    model_config_json: dict[str, Any]
+
+
+def _pair_key(l: int, r: int, bits: int) -> str:
+    return f"l{l}-r{r}-q{bits}"
+
+
+def model_source(model: str | None) -> str:
+    """How a run names its model: ``demo`` for the built-in one, a local dir as an absolute path."""
+    if model is None:
+        return "demo"
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.is_dir() else model
+
+
+def architecture_digest(profile: ModelProfile) -> str:
+    """A short digest of the model's architecture numbers (what the delay model sees of the model)."""
+    return hashlib.sha256(repr(profile).encode()).hexdigest()[:16]
+
+
+def max_lora_rank(profile: ModelProfile) -> int:
+    """The largest rank every LoRA target can take: min over the targets of min(d_in, d_out)."""
+    return min(min(layer.d_in, layer.d_out) for layer in profile.target_linears)
+
+
+def check_ranks(ranks: list[int], profile: ModelProfile, field: str = "training.ranks") -> None:
+    """A rank above some target's min(d_in, d_out) is not a low-rank adapter of it: an error naming it."""
+    limit = max_lora_rank(profile)
+    bad = [r for r in ranks if r > limit]
+    if bad:
+        raise TrainInputError(f"{field}: rank(s) {bad} exceed {limit}, the largest rank the model's LoRA targets "
+                              f"({', '.join(profile.lora_targets)}) can take (min of their input and output widths)")
+
+
+def model_profile(model: Any, lora_targets: list[str] | None) -> ModelProfile:
+    """The spec §2 profile of a loaded HF model, from its own config (not a preset)."""
+    try:
+        return profile_from_config(model.config.to_dict(), lora_targets, source="the trained model's config")
+    except ValueError as e:
+        raise TrainInputError(str(e)) from None
+
+
+# --------------------------------------------------------------------------- calibration fragments
+
+def read_calibration(folder: Path) -> dict[str, Any]:
+    """``calibration.json`` of an ``sflllm calibrate`` folder (its E(r) table and what it was measured on)."""
+    import json
+
+    from sflllm.experiments.calibrate import CALIBRATION_FILE
+
+    path = Path(folder) / CALIBRATION_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainInputError(f"calibration: {path} not found; is {folder} the output of `sflllm calibrate`?") from None
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"calibration: cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or "rounds_per_rank" not in data:
+        raise TrainInputError(f"calibration: {path} is not an `sflllm calibrate` result")
+    return data
+
+
+def _check_calibration(cal: dict[str, Any], folder: Path, scenario: Scenario, source: str, digest: str,
+                       act_bits: int, options: RunOptions) -> None:
+    """The calibration must come from this model and the scenario's K, I, b, s, act_bits, data and seed."""
+    if cal.get("model") != source or cal.get("architecture") != digest:
+        raise TrainInputError(f"calibration: {folder} was measured on model {cal.get('model')!r}, "
+                              f"but this run trains {source!r}; calibrate this model first")
+    training = scenario.training
+    expected = {"clients": scenario.clients.count, "local_steps": training.local_steps,
+                "batch_size": training.batch_size, "seq_len": scenario.model.seq_len, "act_bits": act_bits,
+                "seed": scenario.seed, "data": options.data, "eval_data": options.eval_data,
+                "train_samples": options.train_samples}
+    for key, value in expected.items():
+        if cal.get(key) != value:
+            raise TrainInputError(f"calibration: {folder} was measured with {key}={cal.get(key)!r}, "
+                                  f"this run has {key}={value!r}; calibrate with the same scenario and data")
+
+
+# --------------------------------------------------------------------------- planning (no writes)
+
+def load_run_scenario(options: RunOptions) -> Scenario:
+    try:
+        if options.scenario is None:
+            return scenario_from_mapping(DEMO_SCENARIO)
+        return load_scenario(options.scenario)
+    except ScenarioError as e:
+        raise TrainInputError(f"scenario: {e}" if options.scenario is None else str(e)) from None
+
+
+def _with_training(scenario: Scenario, **training: Any) -> Scenario:
+    data = scenario.model_dump(mode="json")
+    data["training"].update(training)
+    try:
+        return scenario_from_mapping(data)
+    except ScenarioError as e:
+        raise TrainInputError(str(e)) from None
+
+
+def pair_train_config(options: RunOptions, scenario: Scenario, l: int, r: int, bits: int, rounds: int) -> TrainConfig:
+    values = dict(model=options.model, data=options.data, eval_data=options.eval_data,
+                  train_samples=options.train_samples, eval_samples=options.eval_samples,
+                  clients=scenario.clients.count, split_layer=l, rank=r, lora_targets=scenario.model.lora_targets,
+                  local_steps=scenario.training.local_steps, batch_size=scenario.training.batch_size,
+                  seq_len=scenario.model.seq_len, seed=scenario.seed, act_bits=bits, rounds=rounds)
+    if options.lr is not None:
+        values["lr"] = options.lr
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as e:
+        raise TrainInputError(f"scenario: {describe_validation_error(e)}") from None
+
+
+def plan_run(options: RunOptions) -> Plan:
+    """Load, check and optimise; decide what to train. Writes nothing."""
+    scenario = load_run_scenario(options)
+    overrides: list[str] = list(options.notes)
+    act_bits = scenario.model.act_bits if options.act_bits is None else options.act_bits
+    if act_bits not in (32, 16, 8):
+        raise TrainInputError(f"model.act_bits: {act_bits} is not a cut precision sflllm trains with (32, 16 or 8)")
+    if act_bits != scenario.model.act_bits:
+        overrides.append(f"--act-bits {act_bits} overrides the scenario's model.act_bits = {scenario.model.act_bits}")
+        scenario = scenario.model_copy(update={"model": scenario.model.model_copy(update={"act_bits": act_bits})})
+
+    probe = TrainConfig(model=options.model, lora_targets=scenario.model.lora_targets)
+    model, _ = load_model_and_tokenizer(probe)
+    profile = model_profile(model, scenario.model.lora_targets)
+    source, digest = model_source(options.model), architecture_digest(profile)
+
+    target_loss, target_source = options.target_loss, "--target-loss"
+    if options.calibration is not None:
+        folder = Path(options.calibration)
+        cal = read_calibration(folder)
+        _check_calibration(cal, folder, scenario, source, digest, act_bits, options)
+        table = {int(k): int(v) for k, v in cal["rounds_per_rank"].items()}
+        if not table:
+            raise TrainInputError(f"calibration: no rank of {folder} reached its target loss; nothing to optimise")
+        scenario = _with_training(scenario, ranks=sorted(table), rounds_per_rank=table)
+        overrides.append(f"E(r) and the rank set come from the calibration in {folder}")
+        if target_loss is None:
+            target_loss, target_source = float(cal["target_loss"]), f"the calibration's target ({folder})"
+    if target_loss is None and options.scenario is None:
+        target_loss, target_source = DEMO_TARGET_LOSS, "the demo scenario's calibration target"
+    if target_loss is None:
+        target_source = "the highest final held-out loss among the trained (l, r): every method reaches it"
+
+    check_ranks(scenario.training.ranks, profile)
+    try:
+        realised = realise(scenario, profile)
+        outcome = optimise(realised)
+    except ScenarioError as e:
+        raise TrainInputError(str(e)) from None
+    method_pairs = {"proposed": (outcome.proposed.split_layer, outcome.proposed.rank)}
+    for name in BASELINES:
+        solution = {"fixed_split": outcome.optimiser.fixed_split, "fixed_rank": outcome.optimiser.fixed_rank,
+                    "equal_power": outcome.optimiser.equal_power}.get(name)
+        method_pairs[name] = _baseline_pair(outcome, name, solution)
+    rounds = options.rounds or max(realised.rounds(r) for _, r in method_pairs.values())
+
+    train_configs: dict[str, TrainConfig] = {}
+    method_keys: dict[str, str] = {}
+    for method, (l, r) in method_pairs.items():
+        key = _pair_key(l, r, act_bits)
+        method_keys[method] = key
+        if key not in train_configs:
+            train_configs[key] = pair_train_config(options, scenario, l, r, act_bits, rounds)
+    reference_key = None
+    if act_bits != 32:
+        l, r = method_pairs["proposed"]
+        reference_key = _pair_key(l, r, 32)
+        train_configs[reference_key] = pair_train_config(options, scenario, l, r, 32, rounds)
+    prepare(train_configs[method_keys["proposed"]])  # model, data, partition, split layer: errors now, not later
+    return Plan(options=options, scenario=scenario, realised=realised, outcome=outcome, method_pairs=method_pairs,
+                rounds=rounds, act_bits=act_bits, train_configs=train_configs, method_keys=method_keys,
+                reference_key=reference_key, target_loss=target_loss, target_source=target_source,
+                overrides=tuple(overrides), model_source=source, model_config_json=model.config.to_dict())
+
+
+def _baseline_pair(outcome: Outcome, name: str, solve) -> tuple[int, int]:
+    """The (l, r) a baseline trains with: its own optimum, or (random baselines) its first draw's pair,
+    the one ``sflllm optimize --json`` shows for it."""
+    if solve is not None:
+        solution = solve()
+        return solution.split_layer, solution.rank
+    subchannel, everything = outcome.optimiser.random_baselines()
+    solution = subchannel if name == "random_subchannel" else everything
+    return solution.split_layer, solution.rank
+
+
+# --------------------------------------------------------------------------- training
+
+def train_pair(folder: Path, config: TrainConfig, console: Console, progress: bool) -> TrainResult:
+    """Train one (l, r) into ``folder``, resuming what a previous attempt left there."""
+    import json
+
+    if (folder / STATE_FILE).is_file():
+        metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+        if len(metrics["rounds"]) >= config.rounds:
+            return TrainResult(folder, metrics)
+        return resume_train(folder, {"rounds": config.rounds}, console=console, progress=progress)
+    if folder.is_dir() and any(folder.iterdir()):  # stopped in its first round: resume_train restarts it
+        return resume_train(folder, {"rounds": config.rounds}, console=console, progress=progress)
+    return run_train(config, folder, console=console, progress=progress)
+
+
+# --------------------------------------------------------------------------- composing the results
+
+def time_to_target(sim_times: list[float], losses: list[float], target: float) -> tuple[int | None, float | None]:
+    """(first round whose held-out loss is <= target, simulated time at its end); (None, None) if never."""
+    for t, (time_s, loss) in enumerate(zip(sim_times, losses, strict=True), start=1):
+        if loss <= target:
+            return t, time_s
+    return None, None
+
+
+def method_record(method: str, trace: dict[str, Any], allocations: list[RoundAllocation], pair_key: str,
+                  target: float) -> dict[str, Any]:
+    """Per round: T_round, simulated time so far, measured wall time so far, held-out loss, the allocation."""
+    rounds = []
+    sim = wall = 0.0
+    for record, alloc in zip(trace["rounds"], allocations, strict=True):
+        sim += alloc.delay.round_delay_s
+        wall += record["wall_time_s"]
+        rounds.append({**alloc.as_json(), "sim_time_s": sim, "wall_time_s": wall,
+                       "heldout_loss": record["heldout_loss"], "train_loss": record["train_loss"]})
+    reached, at = time_to_target([r["sim_time_s"] for r in rounds], [r["heldout_loss"] for r in rounds], target)
+    return {"split_layer": allocations[0].split_layer, "rank": allocations[0].rank, "pair": pair_key,
+            "initial_heldout_loss": trace["initial"]["heldout_loss"], "rounds": rounds,
+            "rounds_to_target": reached, "time_to_target_s": at,
+            "final_heldout_loss": rounds[-1]["heldout_loss"], "final_sim_time_s": rounds[-1]["sim_time_s"]}
+
+
+def headline(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: time to target and proposed's reduction against it (1 - T_proposed / T_method)."""
+    ours = methods["proposed"]["time_to_target_s"]
+    rows = []
+    for name, record in methods.items():
+        theirs = record["time_to_target_s"]
+        reduction = None
+        if name != "proposed" and ours is not None and theirs is not None and theirs > 0:
+            reduction = 1.0 - ours / theirs
+        rows.append({"method": name, "split_layer": record["split_layer"], "rank": record["rank"],
+                     "rounds_to_target": record["rounds_to_target"], "time_to_target_s": theirs,
+                     "final_heldout_loss": record["final_heldout_loss"], "reduction_by_proposed": reduction})
+    return rows
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+    report: Path
+
+
+def compose(plan: Plan, traces: dict[str, dict[str, Any]], pair_dirs: dict[str, str]) -> dict[str, Any]:
+    """``metrics.json`` of the run from the trained traces and each round's simulated allocation."""
+    allocations = round_allocations(plan.realised, plan.method_pairs, plan.rounds, plan.options.fading)
+    target = plan.target_loss
+    if target is None:
+        target = max(trace["rounds"][-1]["heldout_loss"] for key, trace in traces.items() if key != plan.reference_key)
+    methods = {m: method_record(m, traces[plan.method_keys[m]], allocations[m], plan.method_keys[m], target)
+               for m in METHODS}
+    precision = None
+    if plan.reference_key is not None:
+        scenario32 = plan.scenario.model_copy(update={"model": plan.scenario.model.model_copy(update={"act_bits": 32})})
+        realised32 = realise(scenario32, plan.realised.profile)
+        alloc32 = round_allocations(realised32, {"proposed": plan.method_pairs["proposed"]}, plan.rounds,
+                                    plan.options.fading)["proposed"]
+        ref = method_record("proposed", traces[plan.reference_key], alloc32, plan.reference_key, target)
+        ours = methods["proposed"]
+        precision = {
+            "act_bits": plan.act_bits, "reference_bits": 32, "pair": plan.reference_key,
+            "final_heldout_loss": ours["final_heldout_loss"], "reference_final_heldout_loss": ref["final_heldout_loss"],
+            "final_loss_cost": ours["final_heldout_loss"] - ref["final_heldout_loss"],
+            "max_round_loss_gap": max(abs(a["heldout_loss"] - b["heldout_loss"])
+                                      for a, b in zip(ours["rounds"], ref["rounds"])),
+            "time_to_target_s": ours["time_to_target_s"], "reference_time_to_target_s": ref["time_to_target_s"],
+            "reference_round_delay_s": ref["rounds"][0]["round_delay_s"],
+            "reference_rounds": ref["rounds"],
+        }
+    realised = plan.realised
+    training = realised.scenario.training
+    return {
+        "schema": RUN_METRICS_SCHEMA,
+        "model": plan.model_source,
+        "fading": plan.options.fading,
+        "act_bits": plan.act_bits,
+        "rounds": plan.rounds,
+        "target_loss": target,
+        "target_source": plan.target_source,
+        "overrides": list(plan.overrides),
+        "scenario": {"clients": realised.num_clients, "local_steps": training.local_steps,
+                     "batch_size": training.batch_size, "seq_len": realised.scenario.model.seq_len,
+                     "ranks": list(training.ranks), "rounds_per_rank": {str(r): realised.rounds(r) for r in training.ranks},
+                     "split_layers": list(realised.split_layers), "num_layers": realised.profile.num_layers,
+                     "ms_subchannels": realised.gains_ms.shape[1], "fs_subchannels": realised.gains_fs.shape[1],
+                     "seed": realised.scenario.seed},
+        "chosen": {"split_layer": plan.method_pairs["proposed"][0], "rank": plan.method_pairs["proposed"][1],
+                   "rounds_E": realised.rounds(plan.method_pairs["proposed"][1]),
+                   "planned_total_delay_s": plan.outcome.proposed.total_delay_s},
+        "planned_total_delay_s": {"proposed": plan.outcome.proposed.total_delay_s, **plan.outcome.baselines},
+        "pairs": {key: {"dir": pair_dirs[key], "initial_heldout_loss": trace["initial"]["heldout_loss"],
+                        "rounds": trace["rounds"]} for key, trace in traces.items()},
+        "methods": methods,
+        "headline": headline(methods),
+        "precision": precision,
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+def _write_inputs(out: Path, plan: Plan) -> None:
+    """run.yaml (options, resolved so that --resume needs nothing else), scenario.yaml, model_config.json."""
+    import json
+
+    saved = plan.realised.scenario.model_copy(update={"model": plan.realised.scenario.model.model_copy(
+        update={"preset": None, "hf_config": MODEL_CONFIG_FILE})})
+    write_atomic(out / MODEL_CONFIG_FILE, (json.dumps(plan.model_config_json, indent=2) + "\n").encode("utf-8"))
+    header = ("# The realised scenario of this run: every draw explicit, E(r) and act_bits as used, and the\n"
+              "# trained model's own config as model.hf_config (`sflllm optimize --scenario` reproduces the plan).\n")
+    write_atomic(out / SCENARIO_FILE, (header + scenario_to_yaml(saved)).encode("utf-8"))
+    resolved = plan.options.model_copy(update={"scenario": SCENARIO_FILE, "calibration": None,
+                                               "target_loss": plan.target_loss, "act_bits": plan.act_bits,
+                                               "rounds": plan.rounds, "notes": plan.overrides})
+    write_atomic(out / RUN_FILE, config_to_yaml(resolved).encode("utf-8"))  # type: ignore[arg-type]
+
+
+def run_closed_loop(options: RunOptions, output_dir: Path | None = None, *, console: Console | None = None,
+                    progress: bool = True, resume: bool = False) -> RunResult:
+    """Plan, train every distinct (l, r), simulate each round's allocation, write the report."""
+    console = console or Console(soft_wrap=True)
+    out = Path(output_dir) if output_dir is not None else default_output_dir()
+    if resume:
+        if not (out / RUN_FILE).is_file():
+            raise TrainInputError(f"resume: {out / RUN_FILE} not found; is {out} the output of `sflllm run`?")
+        saved = read_config_file(out / RUN_FILE)
+        if saved.get("scenario") == SCENARIO_FILE:
+            saved["scenario"] = str(out / SCENARIO_FILE)
+        try:
+            options = RunOptions.model_validate(saved)
+        except ValidationError as e:
+            raise TrainInputError(f"resume: {out / RUN_FILE}: {describe_validation_error(e)}") from None
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TrainInputError(f"output {out} already exists and is not empty; continue it with --resume {out} "
+                              "or choose another --output")
+    plan = plan_run(options)
+    _announce(plan, console)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _write_inputs(out, plan)
+    traces: dict[str, dict[str, Any]] = {}
+    pair_dirs: dict[str, str] = {}
+    for n, (key, config) in enumerate(plan.train_configs.items(), start=1):
+        users = [m for m, k in plan.method_keys.items() if k == key] or ["32-bit reference"]
+        console.print(f"[bold]pair {n}/{len(plan.train_configs)}[/]: l = {config.split_layer}, r = {config.rank}, "
+                      f"{config.act_bits}-bit cut, for {', '.join(users)}", highlight=False)
+        folder = out / PAIRS_DIR / key
+        folder.parent.mkdir(exist_ok=True)
+        traces[key] = train_pair(folder, config, console, progress).metrics
+        pair_dirs[key] = f"{PAIRS_DIR}/{key}"
+    metrics = compose(plan, traces, pair_dirs)
+    from sflllm.experiments.run_report import write_outputs
+
+    report = write_outputs(out, plan, metrics)
+    _print_headline(metrics, report, console)
+    return RunResult(out, metrics, report)
+
+
+def _announce(plan: Plan, console: Console) -> None:
+    realised = plan.realised
+    training = realised.scenario.training
+    l, r = plan.method_pairs["proposed"]
+    console.print(
+        f"scenario: K={realised.num_clients}, I={training.local_steps}, b={training.batch_size}, "
+        f"s={realised.scenario.model.seq_len}, model {plan.model_source} (L={realised.profile.num_layers}, "
+        f"d={realised.profile.hidden_size}), {plan.act_bits}-bit cut, {plan.options.fading} fading",
+        highlight=False)
+    console.print(f"optimiser: proposed (l, r) = ({l}, {r}), E(r) = {realised.rounds(r)}, planned T_total "
+                  f"{plan.outcome.proposed.total_delay_s:.4g} s; training {len(plan.train_configs)} distinct (l, r) "
+                  f"for {plan.rounds} rounds each", highlight=False)
+    for line in plan.overrides:
+        console.print(f"note: {line}", highlight=False)
+
+
+def _print_headline(metrics: dict[str, Any], report: Path, console: Console) -> None:
+    from sflllm.experiments.run_report import headline_markdown
+
+    console.print(f"\ntime to held-out loss {metrics['target_loss']:.4f} ({metrics['fading']} channels):", highlight=False)
+    console.print(headline_markdown(metrics), highlight=False, markup=False)
+    console.print(f"report: {report}", highlight=False, markup=False)
+
+
+__all__ = ["DEMO_SCENARIO", "FADING", "METHODS", "Plan", "RunOptions", "RunResult", "plan_run", "run_closed_loop"]
