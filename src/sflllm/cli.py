@@ -179,8 +179,9 @@ def run(
         from sflllm.experiments.config import TrainInputError, describe_validation_error
 
         if resume is not None:
-            given = [name for name, value in flags.items() if value is not None and name != "eval_samples"]
-            if given or output is not None or eval_samples != 64 or fading != "static":
+            defaults = {"eval_samples": 64, "fading": "static"}
+            given = [name for name, value in flags.items() if value is not None and value != defaults.get(name)]
+            if given or output is not None:
                 raise TrainInputError("--resume continues the run in DIR with its run.yaml; drop the other options")
             run_closed_loop(RunOptions(), resume, progress=not quiet, resume=True)
             return
