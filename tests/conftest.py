@@ -28,3 +28,32 @@ def e2e_dir() -> Path:
 def stories260k_dir() -> Path:
     """The real pretrained 260K-parameter Llama model (Hugging Face format) from ../shared/data."""
     return _require(STORIES260K / "config.json").parent
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models: one torch intra-op thread is faster than two (and robust on a loaded box); restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_SCENARIO = """\
+seed: 1
+model: {seq_len: 104}
+training: {batch_size: 4, local_steps: 2, ranks: [2, 4], rounds_per_rank: {2: 3, 4: 2}}
+clients: {count: 2}
+network: {ms_subchannels: 6, fs_subchannels: 4}
+baselines: {random_draws: 3}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_scenario_file(tmp_path_factory) -> Path:
+    """A scenario small enough for the built-in demo model to run in seconds (K=2, I=2, b=4, ranks 2 and 4)."""
+    path = tmp_path_factory.mktemp("scenario") / "tiny.yaml"
+    path.write_text(TINY_SCENARIO)
+    return path

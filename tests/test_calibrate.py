@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -18,36 +16,16 @@ from sflllm.experiments.calibrate import CalibrateOptions, default_target, round
 from sflllm.experiments.closed_loop import RunOptions, plan_run
 from sflllm.experiments.config import TrainInputError, read_config_file
 
-SCENARIO = """\
-seed: 2
-model: {seq_len: 104}
-training: {batch_size: 4, local_steps: 2, ranks: [1, 4]}
-clients: {count: 2}
-network: {ms_subchannels: 6, fs_subchannels: 4}
-baselines: {random_draws: 2}
-"""
+pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = dict(train_samples=48, eval_samples=16)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def scenario_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("scenario") / "tiny.yaml"
-    path.write_text(SCENARIO)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory, scenario_file):
+def calibration(tmp_path_factory, tiny_scenario_file):
     out = tmp_path_factory.mktemp("cal") / "cal"
-    options = CalibrateOptions(scenario=str(scenario_file), max_rounds=3, **TINY)
+    options = CalibrateOptions(scenario=str(tiny_scenario_file), max_rounds=3, **TINY)
     return run_calibrate(options, out, progress=False, console=Console(quiet=True))
 
 
@@ -58,7 +36,7 @@ def test_rounds_table_and_default_target():
     assert default_target(5.5, [4.2, 3.9, 3.5], margin=0.1) == pytest.approx(3.5 + 0.1 * 2.0)
 
 
-def test_calibration_writes_a_fragment_curves_and_a_figure(calibration, scenario_file):
+def test_calibration_writes_a_fragment_curves_and_a_figure(calibration, tiny_scenario_file):
     out, cal = calibration.output_dir, calibration.calibration
     for name in ("rounds_per_rank.yaml", "calibration.json", "curves.csv", "calibration.png"):
         assert (out / name).is_file(), name
@@ -75,14 +53,14 @@ def test_calibration_writes_a_fragment_curves_and_a_figure(calibration, scenario
     # the fragment is scenario keys: merged into the scenario, it loads and optimises
     fragment = read_config_file(out / "rounds_per_rank.yaml")
     assert fragment == {"training": {"ranks": sorted(table), "rounds_per_rank": table}}
-    mapping = read_config_file(scenario_file)
+    mapping = read_config_file(tiny_scenario_file)
     mapping["training"].update(fragment["training"])
     scenario = scenario_from_mapping(mapping)
     assert scenario.training.rounds_per_rank[sorted(table)[0]] == table[sorted(table)[0]]
 
 
-def test_run_with_the_calibration_chooses_as_a_hand_written_table_does(calibration, scenario_file, tmp_path):
-    plan = plan_run(RunOptions(scenario=str(scenario_file), calibration=str(calibration.output_dir), **TINY))
+def test_run_with_the_calibration_chooses_as_a_hand_written_table_does(calibration, tiny_scenario_file, tmp_path):
+    plan = plan_run(RunOptions(scenario=str(tiny_scenario_file), calibration=str(calibration.output_dir), **TINY))
     table = {int(r): e for r, e in calibration.calibration["rounds_per_rank"].items()}
     assert plan.target_loss == calibration.calibration["target_loss"]
     assert any("calibration" in note for note in plan.overrides)
@@ -90,22 +68,23 @@ def test_run_with_the_calibration_chooses_as_a_hand_written_table_does(calibrati
     ranks = ", ".join(map(str, table))
     rounds = ", ".join(f"{r}: {e}" for r, e in table.items())
     by_hand = tmp_path / "by_hand.yaml"
-    by_hand.write_text(SCENARIO.replace("ranks: [1, 4]", f"ranks: [{ranks}], rounds_per_rank: {{{rounds}}}"))
+    by_hand.write_text(tiny_scenario_file.read_text().replace("ranks: [2, 4], rounds_per_rank: {2: 3, 4: 2}",
+                                                              f"ranks: [{ranks}], rounds_per_rank: {{{rounds}}}"))
     outcome = optimise(realise(load_scenario(by_hand), plan.realised.profile))
     assert (outcome.proposed.split_layer, outcome.proposed.rank) == plan.method_pairs["proposed"]
     assert outcome.proposed.total_delay_s == pytest.approx(plan.outcome.proposed.total_delay_s, rel=1e-12)
 
 
-def test_calibration_with_other_training_settings_is_refused(calibration, scenario_file, tmp_path):
+def test_calibration_with_other_training_settings_is_refused(calibration, tiny_scenario_file, tmp_path):
     other = tmp_path / "other.yaml"
-    other.write_text(SCENARIO.replace("local_steps: 2", "local_steps: 3"))
+    other.write_text(tiny_scenario_file.read_text().replace("local_steps: 2", "local_steps: 3"))
     with pytest.raises(TrainInputError, match=r"calibration: .* measured with local_steps=2, this run has local_steps=3"):
         plan_run(RunOptions(scenario=str(other), calibration=str(calibration.output_dir), **TINY))
 
 
-def test_split_layer_outside_the_model_fails_before_writing(tmp_path, scenario_file):
+def test_split_layer_outside_the_model_fails_before_writing(tmp_path, tiny_scenario_file):
     out = tmp_path / "cal"
-    result = CliRunner().invoke(app, ["calibrate", "--quiet", "--scenario", str(scenario_file), "--split-layer", "4",
+    result = CliRunner().invoke(app, ["calibrate", "--quiet", "--scenario", str(tiny_scenario_file), "--split-layer", "4",
                                       "--output", str(out)])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: split_layer: 4 is outside 1..3 (the model has L = 4 blocks)"
@@ -124,6 +103,6 @@ def test_unreached_ranks_are_left_out_with_a_warning(calibration, tmp_path):
 
     buffer = StringIO()
     result = run_calibrate(options, out, progress=False, console=Console(file=buffer, width=200), resume=True)
-    assert result.calibration["rounds_per_rank"] == {} and result.calibration["unreached_ranks"] == [1, 4]
+    assert result.calibration["rounds_per_rank"] == {} and result.calibration["unreached_ranks"] == [2, 4]
     assert buffer.getvalue().count("warning: rank") == 2
     assert read_config_file(out / "rounds_per_rank.yaml") == {"training": {"ranks": [], "rounds_per_rank": {}}}

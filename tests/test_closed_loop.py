@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import sflllm.experiments.closed_loop as closed_loop
@@ -22,31 +21,11 @@ from sflllm.cost.delay import SystemTimes, evaluate_delay
 from sflllm.cost.profile import CostNumbers
 from sflllm.experiments.closed_loop import RunOptions, run_closed_loop
 
-TINY_SCENARIO = """\
-seed: 1
-model: {seq_len: 104}
-training: {batch_size: 4, local_steps: 2, ranks: [2, 4], rounds_per_rank: {2: 3, 4: 2}}
-clients: {count: 2}
-network: {ms_subchannels: 6, fs_subchannels: 4}
-baselines: {random_draws: 3}
-"""
+pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = dict(train_samples=48, eval_samples=16)
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def scenario_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("scenario") / "tiny.yaml"
-    path.write_text(TINY_SCENARIO)
-    return path
 
 
 def _run(out: Path, scenario: Path, **options):
@@ -61,8 +40,8 @@ def _quiet_console():
 
 
 @pytest.fixture(scope="module")
-def static_run(tmp_path_factory, scenario_file):
-    return _run(tmp_path_factory.mktemp("run") / "static", scenario_file)
+def static_run(tmp_path_factory, tiny_scenario_file):
+    return _run(tmp_path_factory.mktemp("run") / "static", tiny_scenario_file)
 
 
 def _strict_json(path: Path):
@@ -151,8 +130,8 @@ def test_headline_reductions_follow_time_to_target(static_run):
             assert row["reduction_by_proposed"] == pytest.approx(1 - ours / row["time_to_target_s"])
 
 
-def test_block_fading_with_an_int8_cut(tmp_path, scenario_file):
-    result = _run(tmp_path / "block", scenario_file, fading="block", act_bits=8)
+def test_block_fading_with_an_int8_cut(tmp_path, tiny_scenario_file):
+    result = _run(tmp_path / "block", tiny_scenario_file, fading="block", act_bits=8)
     out, metrics = result.output_dir, result.metrics
     _check_round_times(out, metrics)
     assert (out / "round_delay.png").is_file()
@@ -166,7 +145,7 @@ def test_block_fading_with_an_int8_cut(tmp_path, scenario_file):
     assert "Cost of the cut precision (measured)" in report and "--act-bits 8 overrides" in report
 
 
-def test_resume_finishes_an_interrupted_run_to_the_same_result(tmp_path, scenario_file, static_run, monkeypatch):
+def test_resume_finishes_an_interrupted_run_to_the_same_result(tmp_path, tiny_scenario_file, static_run, monkeypatch):
     calls = {"n": 0}
     original = closed_loop.train_pair
 
@@ -179,7 +158,7 @@ def test_resume_finishes_an_interrupted_run_to_the_same_result(tmp_path, scenari
     monkeypatch.setattr(closed_loop, "train_pair", interrupted)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        _run(out, scenario_file)
+        _run(out, tiny_scenario_file)
     assert not (out / "report.md").exists()
     monkeypatch.setattr(closed_loop, "train_pair", original)
     resumed = run_closed_loop(RunOptions(), out, progress=False, console=_quiet_console(), resume=True)
@@ -216,8 +195,8 @@ def _assert_clean_error(result, out: Path, needle: str) -> None:
      "training.ranks: rank(s) [512] exceed 128"),
     ("model: {seq_len: 512}", "model.seq_len: 512 exceeds the model's 128 positions"),
 ])
-def test_bad_scenario_for_the_model_fails_before_training(tmp_path, change, needle):
-    text = TINY_SCENARIO
+def test_bad_scenario_for_the_model_fails_before_training(tmp_path, tiny_scenario_file, change, needle):
+    text = tiny_scenario_file.read_text()
     key = change.split(":")[0]
     text = "\n".join(line for line in text.splitlines() if not line.startswith(key + ":")) + "\n" + change + "\n"
     path = tmp_path / "bad.yaml"
@@ -226,29 +205,29 @@ def test_bad_scenario_for_the_model_fails_before_training(tmp_path, change, need
     _assert_clean_error(_cli("--scenario", path, "--train-samples", 48, "--output", out), out, needle)
 
 
-def test_calibration_from_another_model_is_refused(tmp_path, scenario_file):
+def test_calibration_from_another_model_is_refused(tmp_path, tiny_scenario_file):
     folder = tmp_path / "cal"
     folder.mkdir()
     (folder / "calibration.json").write_text(json.dumps(
         {"model": str(Path("../shared/data/models/stories260K/hf").resolve()), "architecture": "0" * 16,
          "rounds_per_rank": {"2": 3}, "target_loss": 3.0}))
     out = tmp_path / "out"
-    result = _cli("--scenario", scenario_file, "--calibration", folder, "--output", out)
+    result = _cli("--scenario", tiny_scenario_file, "--calibration", folder, "--output", out)
     _assert_clean_error(result, out, "was measured on model")
 
 
-def test_bad_options_and_resume_misuse(tmp_path, scenario_file):
+def test_bad_options_and_resume_misuse(tmp_path, tiny_scenario_file):
     out = tmp_path / "out"
     _assert_clean_error(_cli("--act-bits", 12, "--output", out), out, "act_bits")
     _assert_clean_error(_cli("--fading", "rician", "--output", out), out, "fading")
     _assert_clean_error(_cli("--resume", tmp_path / "nothing"), tmp_path / "nothing", "run.yaml not found")
 
 
-def test_existing_output_is_not_overwritten(tmp_path, scenario_file):
+def test_existing_output_is_not_overwritten(tmp_path, tiny_scenario_file):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    result = _cli("--scenario", scenario_file, "--output", out)
+    result = _cli("--scenario", tiny_scenario_file, "--output", out)
     assert result.exit_code == 2 and "--resume" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 

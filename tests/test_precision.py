@@ -3,23 +3,17 @@ bits change what crosses the cut in both directions; 8 bits stays close to 32 on
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import sflllm.sfl.federation as federation_mod
 from sflllm.data import build_demo_tokenizer, load_examples, partition, synthetic_examples, tokenize
 from sflllm.experiments.train import heldout_loss
-from sflllm.model import attach_lora, build_demo_model, load_pretrained, lora_parameters, split_model
+from sflllm.model import attach_lora, build_demo_model, load_pretrained, split_model
 from sflllm.sfl import Hyper, make_federation, quantize_cut
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_quantize_cut_32_is_the_tensor_itself():
@@ -111,6 +105,7 @@ def test_the_cut_tensors_in_both_directions_are_quantised(monkeypatch, bits):
 INT8_TOLERANCE = 0.02  # nats/token: 8-bit cut vs 32-bit cut, held-out loss after 4 rounds (measured: see test)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*references were truncated:UserWarning")
 def test_8_bits_stays_within_tolerance_of_32_bits_on_the_real_model(stories260k_dir, e2e_dir):
     """stories260K on E2E, 3 clients, 4 rounds of 4 iterations of 8 sequences: the held-out loss with an

@@ -39,6 +39,7 @@ def train(
     lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
     lora_targets: Annotated[str | None, typer.Option(help="Comma-separated LoRA target modules (default: per model type).")] = None,
     server_adapter: Annotated[str | None, typer.Option(help="shared | per_client.")] = None,
+    act_bits: Annotated[int | None, typer.Option(help="Bits per value at the cut, both directions: 32 | 16 | 8.")] = None,
     local_steps: Annotated[int | None, typer.Option(help="Local iterations I per round.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Training rounds (with --resume: the new total).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Mini-batch size b per client.")] = None,

@@ -8,8 +8,9 @@ the subchannels and powers may change from round to round:
   baselines draw a fresh random assignment every round (their randomness is per round, so the run
   averages over draws as the spec's mean over ``random_draws`` does).
 * ``fading="block"``: before every round the small-scale fading |h|^2 ~ Exp(1) of both uplinks is
-  redrawn (the large-scale gains stay) and every method re-solves its subchannels and powers for
-  that round's gains.
+  redrawn (Rayleigh, whatever ``network.fading`` says; the large-scale gains gbar stay, and explicit
+  ``gains_ms``/``gains_fs`` are replaced by gbar |h|^2) and every method re-solves its subchannels
+  and powers for that round's gains.
 
 Seeded streams (so that a resumed run and a test recompute exactly the same rounds):
 round t (1-based) of block fading draws from ``default_rng([seed, 1, t])`` (MS K x M, then FS K x N);

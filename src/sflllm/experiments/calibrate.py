@@ -24,21 +24,24 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from rich.console import Console
 
 from sflllm.allocation.scenario import ScenarioError, realise
 from sflllm.experiments.checkpoint import write_atomic, write_json_atomic
-from sflllm.experiments.closed_loop import (
+from sflllm.experiments.run_inputs import (
+    TrainingInputs,
     load_run_scenario,
     pair_train_config,
     train_pair,
     architecture_digest,
     check_ranks,
+    data_source,
     model_profile,
     model_source,
 )
@@ -55,22 +58,12 @@ DEFAULT_MARGIN = 0.05  # share of the loss drop (initial - best final) added to 
 CALIBRATION_SCHEMA = "sflllm.calibration/1"
 
 
-class CalibrateOptions(BaseModel):
+class CalibrateOptions(TrainingInputs):
     """What ``sflllm calibrate`` was asked to do (saved as ``DIR/calibrate.yaml`` for ``--resume``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    scenario: str | None = Field(None, description="scenario YAML; None: the built-in demo scenario of `sflllm run`")
-    model: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    train_samples: int | None = Field(None, ge=1)
-    eval_samples: int = Field(64, ge=1)
     split_layer: int | None = Field(None, ge=1, description="None: the middle block floor(L/2)")
     max_rounds: int = Field(20, ge=1)
     target_loss: float | None = Field(None, gt=0)
-    lr: float | None = Field(None, gt=0)
-    act_bits: Literal[32, 16, 8] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +105,20 @@ def fragment_yaml(table: dict[int, int], target: float, source: str) -> str:
             f"training:\n  ranks: [{ranks}]\n  rounds_per_rank: {{{rounds}}}\n")
 
 
+def read_calibration(folder: Path) -> dict[str, Any]:
+    """``calibration.json`` of an ``sflllm calibrate`` folder (its E(r) table and what it was measured on)."""
+    path = Path(folder) / CALIBRATION_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainInputError(f"calibration: {path} not found; is {folder} the output of `sflllm calibrate`?") from None
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"calibration: cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or "rounds_per_rank" not in data:
+        raise TrainInputError(f"calibration: {path} is not an `sflllm calibrate` result")
+    return data
+
+
 def run_calibrate(options: CalibrateOptions, output_dir: Path | None = None, *, console: Console | None = None,
                   progress: bool = True, resume: bool = False) -> CalibrationResult:
     """Train every rank, derive E(r), write the fragment, curves and figure."""
@@ -128,10 +135,10 @@ def run_calibrate(options: CalibrateOptions, output_dir: Path | None = None, *, 
         raise TrainInputError(f"output {out} already exists and is not empty; continue it with --resume {out} "
                               "or choose another --output")
 
-    scenario = load_run_scenario(options)  # type: ignore[arg-type]
+    scenario = load_run_scenario(options)
     act_bits = scenario.model.act_bits if options.act_bits is None else options.act_bits
     scenario = scenario.model_copy(update={"model": scenario.model.model_copy(update={"act_bits": act_bits})})
-    model, _ = load_model_and_tokenizer(pair_train_config(options, scenario, 1, 1, 32, 1))  # type: ignore[arg-type]
+    model, _ = load_model_and_tokenizer(pair_train_config(options, scenario, 1, 1, 32, 1))
     profile = model_profile(model, scenario.model.lora_targets)
     L = profile.num_layers
     split_layer = options.split_layer if options.split_layer is not None else max(1, L // 2)
@@ -143,13 +150,13 @@ def run_calibrate(options: CalibrateOptions, output_dir: Path | None = None, *, 
         realise(scenario, profile)  # the scenario against this model: seq_len vs positions, split layers
     except ScenarioError as e:
         raise TrainInputError(str(e)) from None
-    configs = {r: pair_train_config(options, scenario, split_layer, r, act_bits, options.max_rounds)  # type: ignore[arg-type]
+    configs = {r: pair_train_config(options, scenario, split_layer, r, act_bits, options.max_rounds)
                for r in ranks}
     prepare(configs[ranks[0]])  # data and partition errors before anything is written
 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        write_atomic(out / OPTIONS_FILE, config_to_yaml(options).encode("utf-8"))  # type: ignore[arg-type]
+        write_atomic(out / OPTIONS_FILE, config_to_yaml(options).encode("utf-8"))
     training = scenario.training
     console.print(f"calibrating E(r) for ranks {ranks} at split layer {split_layer}: K={scenario.clients.count}, "
                   f"I={training.local_steps}, b={training.batch_size}, s={scenario.model.seq_len}, "
@@ -173,8 +180,9 @@ def run_calibrate(options: CalibrateOptions, output_dir: Path | None = None, *, 
     calibration = {
         "schema": CALIBRATION_SCHEMA, "model": source, "architecture": architecture_digest(profile),
         "clients": scenario.clients.count, "local_steps": training.local_steps, "batch_size": training.batch_size,
-        "seq_len": scenario.model.seq_len, "act_bits": act_bits, "seed": scenario.seed, "data": options.data,
-        "eval_data": options.eval_data, "train_samples": options.train_samples, "split_layer": split_layer,
+        "seq_len": scenario.model.seq_len, "act_bits": act_bits, "seed": scenario.seed,
+        "data": data_source(options.data), "eval_data": data_source(options.eval_data),
+        "train_samples": options.train_samples, "split_layer": split_layer,
         "max_rounds": options.max_rounds, "target_loss": target, "target_source": how,
         "rounds_per_rank": {str(r): e for r, e in table.items()}, "unreached_ranks": unreached,
         "initial_heldout_loss": initial, "final_heldout_loss": {str(r): c[-1] for r, c in curves.items()},
@@ -223,4 +231,5 @@ def _write_figure(path: Path, curves: dict[int, list[float]], initial: float, ta
     write_atomic(path, buf.getvalue())
 
 
-__all__ = ["CalibrateOptions", "CalibrationResult", "default_target", "rounds_table", "run_calibrate"]
+__all__ = ["CalibrateOptions", "CalibrationResult", "default_target", "read_calibration", "rounds_table",
+           "run_calibrate"]

@@ -22,27 +22,18 @@ checkpoint and the rest is recomputed (deterministic from the seeds).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from rich.console import Console
 
 from sflllm.allocation.optimize import BASELINES, Outcome, optimise
 from sflllm.allocation.rounds import FADING, RoundAllocation, round_allocations
-from sflllm.allocation.scenario import (
-    Realised,
-    Scenario,
-    ScenarioError,
-    load_scenario,
-    realise,
-    scenario_from_mapping,
-    scenario_to_yaml,
-)
-from sflllm.cost.profile import ModelProfile, profile_from_config
-from sflllm.experiments.checkpoint import write_atomic, write_json_atomic
+from sflllm.allocation.scenario import Realised, Scenario, ScenarioError, realise, scenario_from_mapping, scenario_to_yaml
+from sflllm.experiments.calibrate import read_calibration
+from sflllm.experiments.checkpoint import write_atomic
 from sflllm.experiments.config import (
     TrainConfig,
     TrainInputError,
@@ -50,16 +41,20 @@ from sflllm.experiments.config import (
     describe_validation_error,
     read_config_file,
 )
-from sflllm.experiments.train import (
-    METRICS_FILE,
-    STATE_FILE,
-    TrainResult,
-    default_output_dir,
-    load_model_and_tokenizer,
-    prepare,
-    resume_train,
-    run_train,
+from sflllm.experiments.run_inputs import (
+    DEMO_SCENARIO,
+    DEMO_TARGET_LOSS,
+    TrainingInputs,
+    architecture_digest,
+    check_ranks,
+    data_source,
+    load_run_scenario,
+    model_profile,
+    model_source,
+    pair_train_config,
+    train_pair,
 )
+from sflllm.experiments.train import default_output_dir, load_model_and_tokenizer, prepare
 
 METHODS = ("proposed", *BASELINES)
 RUN_FILE = "run.yaml"
@@ -68,37 +63,14 @@ MODEL_CONFIG_FILE = "model_config.json"
 PAIRS_DIR = "pairs"
 RUN_METRICS_SCHEMA = "sflllm.run.metrics/1"
 
-# The offline demo's scenario: the spec §6 defaults, except what fits the built-in tiny model and a
-# 3-minute run on 2 cores (K, I, b, s, the rank set, fewer subchannels), with E(r) measured on it by
-# `sflllm calibrate --max-rounds 14 --target-loss 3.4` (rank 1, which needs 14 rounds, is left out to
-# keep the demo short). DEMO_TARGET_LOSS is that target; the demo uses it unless told otherwise.
-DEMO_SCENARIO: dict[str, Any] = {
-    "seed": 0,
-    "model": {"seq_len": 104},
-    "training": {"batch_size": 8, "local_steps": 4, "ranks": [2, 4, 8], "rounds_per_rank": {2: 8, 4: 7, 8: 7}},
-    "clients": {"count": 3},
-    "network": {"ms_subchannels": 12, "fs_subchannels": 6},
-}
-DEMO_TARGET_LOSS = 3.4
-
-
-class RunOptions(BaseModel):
+class RunOptions(TrainingInputs):
     """What ``sflllm run`` was asked to do (saved as ``DIR/run.yaml``; ``--resume`` reads it back)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    scenario: str | None = Field(None, description="scenario YAML (spec §6); None: the built-in demo scenario")
-    model: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    train_samples: int | None = Field(None, ge=1)
-    eval_samples: int = Field(64, ge=1)
     calibration: str | None = Field(None, description="an `sflllm calibrate` output folder: its E(r) is used")
     fading: Literal["static", "block"] = "static"
-    act_bits: Literal[32, 16, 8] | None = Field(None, description="None: the scenario's model.act_bits")
-    rounds: int | None = Field(None, ge=1, description="rounds to train each pair; None: the largest E(r) among the methods' ranks")
+    rounds: int | None = Field(None, ge=1,
+                               description="rounds to train each pair; None: the largest E(r) among the methods' ranks")
     target_loss: float | None = Field(None, gt=0, description="None: calibration's target, else the loosest final loss")
-    lr: float | None = Field(None, gt=0)
     notes: tuple[str, ...] = Field((), description="what overrode the scenario (kept for --resume's report)")
 
 
@@ -127,61 +99,6 @@ def _pair_key(l: int, r: int, bits: int) -> str:
     return f"l{l}-r{r}-q{bits}"
 
 
-def model_source(model: str | None) -> str:
-    """How a run names its model: ``demo`` for the built-in one, a local dir as an absolute path."""
-    if model is None:
-        return "demo"
-    local = Path(model).expanduser()
-    return str(local.resolve()) if local.is_dir() else model
-
-
-def architecture_digest(profile: ModelProfile) -> str:
-    """A short digest of the model's architecture numbers (what the delay model sees of the model)."""
-    return hashlib.sha256(repr(profile).encode()).hexdigest()[:16]
-
-
-def max_lora_rank(profile: ModelProfile) -> int:
-    """The largest rank every LoRA target can take: min over the targets of min(d_in, d_out)."""
-    return min(min(layer.d_in, layer.d_out) for layer in profile.target_linears)
-
-
-def check_ranks(ranks: list[int], profile: ModelProfile, field: str = "training.ranks") -> None:
-    """A rank above some target's min(d_in, d_out) is not a low-rank adapter of it: an error naming it."""
-    limit = max_lora_rank(profile)
-    bad = [r for r in ranks if r > limit]
-    if bad:
-        raise TrainInputError(f"{field}: rank(s) {bad} exceed {limit}, the largest rank the model's LoRA targets "
-                              f"({', '.join(profile.lora_targets)}) can take (min of their input and output widths)")
-
-
-def model_profile(model: Any, lora_targets: list[str] | None) -> ModelProfile:
-    """The spec §2 profile of a loaded HF model, from its own config (not a preset)."""
-    try:
-        return profile_from_config(model.config.to_dict(), lora_targets, source="the trained model's config")
-    except ValueError as e:
-        raise TrainInputError(str(e)) from None
-
-
-# --------------------------------------------------------------------------- calibration fragments
-
-def read_calibration(folder: Path) -> dict[str, Any]:
-    """``calibration.json`` of an ``sflllm calibrate`` folder (its E(r) table and what it was measured on)."""
-    import json
-
-    from sflllm.experiments.calibrate import CALIBRATION_FILE
-
-    path = Path(folder) / CALIBRATION_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TrainInputError(f"calibration: {path} not found; is {folder} the output of `sflllm calibrate`?") from None
-    except (OSError, ValueError) as e:
-        raise TrainInputError(f"calibration: cannot read {path}: {e}") from None
-    if not isinstance(data, dict) or "rounds_per_rank" not in data:
-        raise TrainInputError(f"calibration: {path} is not an `sflllm calibrate` result")
-    return data
-
-
 def _check_calibration(cal: dict[str, Any], folder: Path, scenario: Scenario, source: str, digest: str,
                        act_bits: int, options: RunOptions) -> None:
     """The calibration must come from this model and the scenario's K, I, b, s, act_bits, data and seed."""
@@ -191,7 +108,7 @@ def _check_calibration(cal: dict[str, Any], folder: Path, scenario: Scenario, so
     training = scenario.training
     expected = {"clients": scenario.clients.count, "local_steps": training.local_steps,
                 "batch_size": training.batch_size, "seq_len": scenario.model.seq_len, "act_bits": act_bits,
-                "seed": scenario.seed, "data": options.data, "eval_data": options.eval_data,
+                "seed": scenario.seed, "data": data_source(options.data), "eval_data": data_source(options.eval_data),
                 "train_samples": options.train_samples}
     for key, value in expected.items():
         if cal.get(key) != value:
@@ -201,15 +118,6 @@ def _check_calibration(cal: dict[str, Any], folder: Path, scenario: Scenario, so
 
 # --------------------------------------------------------------------------- planning (no writes)
 
-def load_run_scenario(options: RunOptions) -> Scenario:
-    try:
-        if options.scenario is None:
-            return scenario_from_mapping(DEMO_SCENARIO)
-        return load_scenario(options.scenario)
-    except ScenarioError as e:
-        raise TrainInputError(f"scenario: {e}" if options.scenario is None else str(e)) from None
-
-
 def _with_training(scenario: Scenario, **training: Any) -> Scenario:
     data = scenario.model_dump(mode="json")
     data["training"].update(training)
@@ -217,20 +125,6 @@ def _with_training(scenario: Scenario, **training: Any) -> Scenario:
         return scenario_from_mapping(data)
     except ScenarioError as e:
         raise TrainInputError(str(e)) from None
-
-
-def pair_train_config(options: RunOptions, scenario: Scenario, l: int, r: int, bits: int, rounds: int) -> TrainConfig:
-    values = dict(model=options.model, data=options.data, eval_data=options.eval_data,
-                  train_samples=options.train_samples, eval_samples=options.eval_samples,
-                  clients=scenario.clients.count, split_layer=l, rank=r, lora_targets=scenario.model.lora_targets,
-                  local_steps=scenario.training.local_steps, batch_size=scenario.training.batch_size,
-                  seq_len=scenario.model.seq_len, seed=scenario.seed, act_bits=bits, rounds=rounds)
-    if options.lr is not None:
-        values["lr"] = options.lr
-    try:
-        return TrainConfig.model_validate(values)
-    except ValidationError as e:
-        raise TrainInputError(f"scenario: {describe_validation_error(e)}") from None
 
 
 def plan_run(options: RunOptions) -> Plan:
@@ -307,22 +201,6 @@ def _baseline_pair(outcome: Outcome, name: str, solve) -> tuple[int, int]:
     subchannel, everything = outcome.optimiser.random_baselines()
     solution = subchannel if name == "random_subchannel" else everything
     return solution.split_layer, solution.rank
-
-
-# --------------------------------------------------------------------------- training
-
-def train_pair(folder: Path, config: TrainConfig, console: Console, progress: bool) -> TrainResult:
-    """Train one (l, r) into ``folder``, resuming what a previous attempt left there."""
-    import json
-
-    if (folder / STATE_FILE).is_file():
-        metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
-        if len(metrics["rounds"]) >= config.rounds:
-            return TrainResult(folder, metrics)
-        return resume_train(folder, {"rounds": config.rounds}, console=console, progress=progress)
-    if folder.is_dir() and any(folder.iterdir()):  # stopped in its first round: resume_train restarts it
-        return resume_train(folder, {"rounds": config.rounds}, console=console, progress=progress)
-    return run_train(config, folder, console=console, progress=progress)
 
 
 # --------------------------------------------------------------------------- composing the results
@@ -413,7 +291,8 @@ def compose(plan: Plan, traces: dict[str, dict[str, Any]], pair_dirs: dict[str, 
         "overrides": list(plan.overrides),
         "scenario": {"clients": realised.num_clients, "local_steps": training.local_steps,
                      "batch_size": training.batch_size, "seq_len": realised.scenario.model.seq_len,
-                     "ranks": list(training.ranks), "rounds_per_rank": {str(r): realised.rounds(r) for r in training.ranks},
+                     "ranks": list(training.ranks),
+                     "rounds_per_rank": {str(r): realised.rounds(r) for r in training.ranks},
                      "split_layers": list(realised.split_layers), "num_layers": realised.profile.num_layers,
                      "ms_subchannels": realised.gains_ms.shape[1], "fs_subchannels": realised.gains_fs.shape[1],
                      "seed": realised.scenario.seed},
@@ -507,9 +386,11 @@ def _announce(plan: Plan, console: Console) -> None:
 def _print_headline(metrics: dict[str, Any], report: Path, console: Console) -> None:
     from sflllm.experiments.run_report import headline_markdown
 
-    console.print(f"\ntime to held-out loss {metrics['target_loss']:.4f} ({metrics['fading']} channels):", highlight=False)
+    console.print(f"\ntime to held-out loss {metrics['target_loss']:.4f} ({metrics['fading']} channels):",
+                  highlight=False)
     console.print(headline_markdown(metrics), highlight=False, markup=False)
     console.print(f"report: {report}", highlight=False, markup=False)
 
 
-__all__ = ["DEMO_SCENARIO", "FADING", "METHODS", "Plan", "RunOptions", "RunResult", "plan_run", "run_closed_loop"]
+__all__ = ["DEMO_SCENARIO", "DEMO_TARGET_LOSS", "FADING", "METHODS", "Plan", "RunOptions", "RunResult", "plan_run",
+           "run_closed_loop"]

@@ -122,7 +122,8 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         "## The choice",
         "",
-        f"proposed: split layer l = {chosen['split_layer']}, LoRA rank r = {chosen['rank']} (E(r) = {chosen['rounds_E']}); "
+        f"proposed: split layer l = {chosen['split_layer']}, LoRA rank r = {chosen['rank']} "
+        f"(E(r) = {chosen['rounds_E']}); "
         f"the optimiser's planned T_total {chosen['planned_total_delay_s']:.4g} s.",
         "",
         "| method | (l, r) | planned T_total (optimiser) |",
@@ -134,7 +135,8 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str]) -> str:
     out += ["", "Random baselines train with their first draw's (l, r) and draw a fresh assignment every round.",
             "", "## Allocation of proposed (round 1)", "", allocation_markdown(proposed["rounds"][0], sc["clients"]),
             "", "## Per-round timeline", "",
-            f"{metrics['rounds']} rounds per (l, r); T_round is spec §4's I T_iter + T_agg for the allocation in force.",
+            f"{metrics['rounds']} rounds per (l, r); T_round is spec §4's I T_iter + T_agg for the allocation "
+            "in force.",
             "", timeline_markdown(metrics), "",
             "## Headline: simulated time to the target loss", "",
             f"Target held-out loss {metrics['target_loss']:.4f} ({metrics['target_source']}). Reduction = "
