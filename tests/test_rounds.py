@@ -115,3 +115,23 @@ def test_profile_limits_seq_len_to_the_models_positions():
     assert preset_profile("stories260k").max_positions == 512
     with pytest.raises(ValueError, match=r"model.seq_len: 1024 exceeds the model's 512 positions"):
         realise(scenario_from_mapping({**SCENARIO, "model": {"preset": "stories260k", "seq_len": 1024}}))
+
+
+def test_optimize_command_rejects_seq_len_beyond_the_positions(tmp_path):
+    """As `sflllm train` does: a model with 128 positions cannot plan for s = 512 (spec §6 default)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sflllm.cli import app
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 300,
+                                  "n_positions": 128}))
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("model: {hf_config: config.json}\n")
+    result = CliRunner().invoke(app, ["optimize", "--scenario", str(scenario)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: model.seq_len: 512 exceeds the model's 128 positions"
+    scenario.write_text("model: {hf_config: config.json, seq_len: 128}\n")
+    assert CliRunner().invoke(app, ["optimize", "--scenario", str(scenario), "--json"]).exit_code == 0

@@ -74,12 +74,8 @@ def train(
 
     if lora_targets is not None:
         flags["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
-    if quiet:  # also the weight-loading and download bars of transformers / huggingface_hub (process-wide)
-        import huggingface_hub.utils
-        import transformers.utils.logging
-
-        transformers.utils.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
+    if quiet:
+        _hide_loading_bars()
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}", markup=False)
@@ -128,6 +124,15 @@ def optimize(
         Console(stderr=True).print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     print_run(run, as_json=as_json)
+
+
+def _hide_loading_bars() -> None:
+    """--quiet also hides the weight-loading and download bars of transformers / huggingface_hub (process-wide)."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _report_errors(work) -> None:
@@ -196,6 +201,8 @@ def run(
              "eval_data": eval_data, "train_samples": train_samples, "eval_samples": eval_samples,
              "calibration": None if calibration is None else str(calibration), "fading": fading,
              "act_bits": act_bits, "rounds": rounds, "target_loss": target_loss, "lr": lr}
+    if quiet:
+        _hide_loading_bars()
     _report_errors(work)
 
 
@@ -222,6 +229,8 @@ def calibrate(
              "eval_data": eval_data, "train_samples": train_samples, "eval_samples": eval_samples,
              "split_layer": split_layer, "max_rounds": max_rounds, "target_loss": target_loss,
              "act_bits": act_bits, "lr": lr}
+    if quiet:
+        _hide_loading_bars()
 
     def work() -> None:
         from pydantic import ValidationError

@@ -32,7 +32,7 @@ from rich.console import Console
 from sflllm.allocation.optimize import BASELINES, Outcome, optimise
 from sflllm.allocation.rounds import FADING, RoundAllocation, round_allocations
 from sflllm.allocation.scenario import Realised, Scenario, ScenarioError, realise, scenario_from_mapping, scenario_to_yaml
-from sflllm.experiments.calibrate import read_calibration
+from sflllm.experiments.calibrate import read_calibration, rounds_to_reach
 from sflllm.experiments.checkpoint import write_atomic
 from sflllm.experiments.config import (
     TrainConfig,
@@ -166,11 +166,12 @@ def plan_run(options: RunOptions) -> Plan:
         outcome = optimise(realised)
     except ScenarioError as e:
         raise TrainInputError(str(e)) from None
-    method_pairs = {"proposed": (outcome.proposed.split_layer, outcome.proposed.rank)}
-    for name in BASELINES:
-        solution = {"fixed_split": outcome.optimiser.fixed_split, "fixed_rank": outcome.optimiser.fixed_rank,
-                    "equal_power": outcome.optimiser.equal_power}.get(name)
-        method_pairs[name] = _baseline_pair(outcome, name, solution)
+    optimiser = outcome.optimiser
+    random_subchannel, random_all = optimiser.random_baselines()  # their first draw's (l, r), as optimize shows
+    solutions = {"proposed": outcome.proposed, "random_subchannel": random_subchannel,
+                 "equal_power": optimiser.equal_power(), "fixed_split": optimiser.fixed_split(),
+                 "fixed_rank": optimiser.fixed_rank(), "random_all": random_all}
+    method_pairs = {m: (solutions[m].split_layer, solutions[m].rank) for m in METHODS}
     rounds = options.rounds or max(realised.rounds(r) for _, r in method_pairs.values())
 
     train_configs: dict[str, TrainConfig] = {}
@@ -192,26 +193,7 @@ def plan_run(options: RunOptions) -> Plan:
                 overrides=tuple(overrides), model_source=source, model_config_json=model.config.to_dict())
 
 
-def _baseline_pair(outcome: Outcome, name: str, solve) -> tuple[int, int]:
-    """The (l, r) a baseline trains with: its own optimum, or (random baselines) its first draw's pair,
-    the one ``sflllm optimize --json`` shows for it."""
-    if solve is not None:
-        solution = solve()
-        return solution.split_layer, solution.rank
-    subchannel, everything = outcome.optimiser.random_baselines()
-    solution = subchannel if name == "random_subchannel" else everything
-    return solution.split_layer, solution.rank
-
-
 # --------------------------------------------------------------------------- composing the results
-
-def time_to_target(sim_times: list[float], losses: list[float], target: float) -> tuple[int | None, float | None]:
-    """(first round whose held-out loss is <= target, simulated time at its end); (None, None) if never."""
-    for t, (time_s, loss) in enumerate(zip(sim_times, losses, strict=True), start=1):
-        if loss <= target:
-            return t, time_s
-    return None, None
-
 
 def method_record(method: str, trace: dict[str, Any], allocations: list[RoundAllocation], pair_key: str,
                   target: float) -> dict[str, Any]:
@@ -223,7 +205,8 @@ def method_record(method: str, trace: dict[str, Any], allocations: list[RoundAll
         wall += record["wall_time_s"]
         rounds.append({**alloc.as_json(), "sim_time_s": sim, "wall_time_s": wall,
                        "heldout_loss": record["heldout_loss"], "train_loss": record["train_loss"]})
-    reached, at = time_to_target([r["sim_time_s"] for r in rounds], [r["heldout_loss"] for r in rounds], target)
+    reached = rounds_to_reach([r["heldout_loss"] for r in rounds], target)
+    at = None if reached is None else rounds[reached - 1]["sim_time_s"]
     return {"split_layer": allocations[0].split_layer, "rank": allocations[0].rank, "pair": pair_key,
             "initial_heldout_loss": trace["initial"]["heldout_loss"], "rounds": rounds,
             "rounds_to_target": reached, "time_to_target_s": at,
