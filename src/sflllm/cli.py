@@ -154,97 +154,99 @@ def _report_errors(work) -> None:
             raise typer.Exit(code=2) from None
 
 
+# Options shared by `sflllm run` and `sflllm calibrate` (declared once).
+ScenarioOption = Annotated[Path | None, typer.Option(help="Scenario YAML (spec §6): K, I, b, s, seed, ranks, E(r), clients, network (default: the built-in demo scenario).")]
+ModelOption = Annotated[str | None, typer.Option(help="HF model name or local dir (default: built-in tiny demo model).")]
+DataOption = Annotated[str | None, typer.Option(help="Training data: .csv (mr,ref), .jsonl or hub dataset (default: synthetic E2E-style).")]
+EvalDataOption = Annotated[str | None, typer.Option(help="Held-out data (default: held-out MRs of --data).")]
+TrainSamplesOption = Annotated[int | None, typer.Option(help="Use at most this many training examples.")]
+EvalSamplesOption = Annotated[int, typer.Option(help="Held-out examples for the held-out loss.")]
+ActBitsOption = Annotated[int | None, typer.Option(help="Bits per value at the cut, both directions: 32 | 16 | 8 (default: the scenario's model.act_bits).")]
+LrOption = Annotated[float | None, typer.Option(help="Learning rate (default: sflllm train's).")]
+OutputOption = Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")]
+ResumeOption = Annotated[Path | None, typer.Option(help="Continue the interrupted work in this output dir (with its saved options).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+_RUN_DEFAULTS = {"eval_samples": 64, "fading": "static", "max_rounds": 20}
+
+
+def _launch(module: str, options_class: str, function: str, flags: dict, output: Path | None, resume: Path | None,
+            quiet: bool) -> None:
+    """Validate ``flags`` into ``module.options_class`` and call ``module.function`` (or resume DIR with its
+    saved options); bad input is one ``error:`` line and exit code 2."""
+    if quiet:
+        _hide_loading_bars()
+
+    def work() -> None:
+        import importlib
+
+        from pydantic import ValidationError
+
+        from sflllm.experiments.config import TrainInputError, describe_validation_error
+
+        target = importlib.import_module(module)
+        cls, go = getattr(target, options_class), getattr(target, function)
+        flag_values = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None}
+        if resume is not None:
+            given = sorted(k for k, v in flag_values.items() if v != _RUN_DEFAULTS.get(k))
+            if given or output is not None:
+                dropped = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--output"
+                raise TrainInputError(f"--resume continues DIR with its saved options; drop {dropped}")
+            go(cls(), resume, progress=not quiet, resume=True)
+            return
+        try:
+            options = cls.model_validate(flag_values)
+        except ValidationError as e:
+            raise TrainInputError(f"options: {describe_validation_error(e)}") from None
+        go(options, output, progress=not quiet)
+
+    _report_errors(work)
+
+
 @app.command()
 def run(
-    scenario: Annotated[Path | None, typer.Option(help="Scenario YAML (spec §6): K, I, b, s, ranks, E(r), clients, network (default: the built-in demo scenario).")] = None,
-    model: Annotated[str | None, typer.Option(help="HF model name or local dir (default: built-in tiny demo model).")] = None,
-    data: Annotated[str | None, typer.Option(help="Training data (default: synthetic E2E-style).")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Held-out data (default: held-out MRs of --data).")] = None,
-    train_samples: Annotated[int | None, typer.Option(help="Use at most this many training examples.")] = None,
-    eval_samples: Annotated[int, typer.Option(help="Held-out examples for the held-out loss.")] = 64,
+    scenario: ScenarioOption = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    eval_data: EvalDataOption = None,
+    train_samples: TrainSamplesOption = None,
+    eval_samples: EvalSamplesOption = 64,
     calibration: Annotated[Path | None, typer.Option(help="An `sflllm calibrate` output folder: use its measured E(r) and target loss.")] = None,
     fading: Annotated[str, typer.Option(help="static | block (redraw small-scale fading and re-solve the allocation every round).")] = "static",
-    act_bits: Annotated[int | None, typer.Option(help="Bits per value at the cut, both directions: 32 | 16 | 8 (default: the scenario's model.act_bits).")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Rounds to train each (l, r) (default: E(r) of proposed's rank).")] = None,
+    act_bits: ActBitsOption = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds to train each (l, r) (default: the largest E(r) among the methods' ranks).")] = None,
     target_loss: Annotated[float | None, typer.Option(help="Held-out loss to reach (default: the calibration's, else the highest final loss of the trained pairs).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default: sflllm train's).")] = None,
-    output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this output dir.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    lr: LrOption = None,
+    output: OutputOption = None,
+    resume: ResumeOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Optimise the allocation for the trained model, train with the choice and every baseline's (l, r),
     and report held-out loss against simulated wall-clock time (report.md, metrics.json, curves.csv, PNGs).
 
     With no options: offline, on the built-in tiny model, synthetic data and the demo scenario.
     """
-
-    def work() -> None:
-        from pydantic import ValidationError
-
-        from sflllm.experiments.closed_loop import RunOptions, run_closed_loop
-        from sflllm.experiments.config import TrainInputError, describe_validation_error
-
-        if resume is not None:
-            defaults = {"eval_samples": 64, "fading": "static"}
-            given = [name for name, value in flags.items() if value is not None and value != defaults.get(name)]
-            if given or output is not None:
-                raise TrainInputError("--resume continues the run in DIR with its run.yaml; drop the other options")
-            run_closed_loop(RunOptions(), resume, progress=not quiet, resume=True)
-            return
-        try:
-            options = RunOptions.model_validate({k: v for k, v in flags.items() if v is not None})
-        except ValidationError as e:
-            raise TrainInputError(f"options: {describe_validation_error(e)}") from None
-        run_closed_loop(options, output, progress=not quiet)
-
-    flags = {"scenario": None if scenario is None else str(scenario), "model": model, "data": data,
-             "eval_data": eval_data, "train_samples": train_samples, "eval_samples": eval_samples,
-             "calibration": None if calibration is None else str(calibration), "fading": fading,
-             "act_bits": act_bits, "rounds": rounds, "target_loss": target_loss, "lr": lr}
-    if quiet:
-        _hide_loading_bars()
-    _report_errors(work)
+    flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
+    _launch("sflllm.experiments.closed_loop", "RunOptions", "run_closed_loop", flags, output, resume, quiet)
 
 
 @app.command()
 def calibrate(
-    scenario: Annotated[Path | None, typer.Option(help="Scenario YAML: its K, I, b, s, seed and rank set are used (default: `sflllm run`'s demo scenario).")] = None,
-    model: Annotated[str | None, typer.Option(help="HF model name or local dir (default: built-in tiny demo model).")] = None,
-    data: Annotated[str | None, typer.Option(help="Training data (default: synthetic E2E-style).")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Held-out data (default: held-out MRs of --data).")] = None,
-    train_samples: Annotated[int | None, typer.Option(help="Use at most this many training examples.")] = None,
-    eval_samples: Annotated[int, typer.Option(help="Held-out examples for the held-out loss.")] = 64,
+    scenario: ScenarioOption = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    eval_data: EvalDataOption = None,
+    train_samples: TrainSamplesOption = None,
+    eval_samples: EvalSamplesOption = 64,
     split_layer: Annotated[int | None, typer.Option(help="Split layer of the calibration runs (default: the middle block).")] = None,
     max_rounds: Annotated[int, typer.Option(help="Rounds to train each rank.")] = 20,
     target_loss: Annotated[float | None, typer.Option(help="Held-out loss that defines E(r) (default: best final loss over the ranks + 5% of the drop).")] = None,
-    act_bits: Annotated[int | None, typer.Option(help="Bits per value at the cut: 32 | 16 | 8 (default: the scenario's).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default: sflllm train's).")] = None,
-    output: Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the calibration in this output dir.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    act_bits: ActBitsOption = None,
+    lr: LrOption = None,
+    output: OutputOption = None,
+    resume: ResumeOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Measure E(r), the rounds each LoRA rank needs to reach a target held-out loss; writes
     rounds_per_rank.yaml (a scenario fragment; `sflllm run --calibration DIR` uses it), curves.csv and a PNG."""
-    flags = {"scenario": None if scenario is None else str(scenario), "model": model, "data": data,
-             "eval_data": eval_data, "train_samples": train_samples, "eval_samples": eval_samples,
-             "split_layer": split_layer, "max_rounds": max_rounds, "target_loss": target_loss,
-             "act_bits": act_bits, "lr": lr}
-    if quiet:
-        _hide_loading_bars()
-
-    def work() -> None:
-        from pydantic import ValidationError
-
-        from sflllm.experiments.calibrate import CalibrateOptions, run_calibrate
-        from sflllm.experiments.config import TrainInputError, describe_validation_error
-
-        if resume is not None:
-            run_calibrate(CalibrateOptions(), resume, progress=not quiet, resume=True)
-            return
-        try:
-            options = CalibrateOptions.model_validate({k: v for k, v in flags.items() if v is not None})
-        except ValidationError as e:
-            raise TrainInputError(f"options: {describe_validation_error(e)}") from None
-        run_calibrate(options, output, progress=not quiet)
-
-    _report_errors(work)
+    flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
+    _launch("sflllm.experiments.calibrate", "CalibrateOptions", "run_calibrate", flags, output, resume, quiet)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from rich.console import Console
 
 from sflllm.allocation.scenario import ScenarioError, realise
@@ -44,9 +44,11 @@ from sflllm.experiments.run_inputs import (
     data_source,
     model_profile,
     model_source,
+    output_folder,
+    saved_options,
 )
-from sflllm.experiments.config import TrainInputError, config_to_yaml, describe_validation_error, read_config_file
-from sflllm.experiments.train import default_output_dir, load_model_and_tokenizer, prepare
+from sflllm.experiments.config import TrainInputError, config_to_yaml
+from sflllm.experiments.train import load_model_and_tokenizer, prepare
 
 CALIBRATION_FILE = "calibration.json"
 FRAGMENT_FILE = "rounds_per_rank.yaml"
@@ -123,17 +125,9 @@ def run_calibrate(options: CalibrateOptions, output_dir: Path | None = None, *, 
                   progress: bool = True, resume: bool = False) -> CalibrationResult:
     """Train every rank, derive E(r), write the fragment, curves and figure."""
     console = console or Console(soft_wrap=True)
-    out = Path(output_dir) if output_dir is not None else default_output_dir()
+    out = output_folder(output_dir, resume=resume, options_file=OPTIONS_FILE, command="calibrate")
     if resume:
-        if not (out / OPTIONS_FILE).is_file():
-            raise TrainInputError(f"resume: {out / OPTIONS_FILE} not found; is {out} the output of `sflllm calibrate`?")
-        try:
-            options = CalibrateOptions.model_validate(read_config_file(out / OPTIONS_FILE))
-        except ValidationError as e:
-            raise TrainInputError(f"resume: {out / OPTIONS_FILE}: {describe_validation_error(e)}") from None
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainInputError(f"output {out} already exists and is not empty; continue it with --resume {out} "
-                              "or choose another --output")
+        options = saved_options(out, OPTIONS_FILE, CalibrateOptions)
 
     scenario = load_run_scenario(options)
     act_bits = scenario.model.act_bits if options.act_bits is None else options.act_bits

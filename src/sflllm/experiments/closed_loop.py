@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from rich.console import Console
 
 from sflllm.allocation.optimize import BASELINES, Outcome, optimise
@@ -34,13 +34,7 @@ from sflllm.allocation.rounds import FADING, RoundAllocation, round_allocations
 from sflllm.allocation.scenario import Realised, Scenario, ScenarioError, realise, scenario_from_mapping, scenario_to_yaml
 from sflllm.experiments.calibrate import read_calibration, rounds_to_reach
 from sflllm.experiments.checkpoint import write_atomic
-from sflllm.experiments.config import (
-    TrainConfig,
-    TrainInputError,
-    config_to_yaml,
-    describe_validation_error,
-    read_config_file,
-)
+from sflllm.experiments.config import TrainConfig, TrainInputError, config_to_yaml
 from sflllm.experiments.run_inputs import (
     DEMO_SCENARIO,
     DEMO_TARGET_LOSS,
@@ -51,10 +45,12 @@ from sflllm.experiments.run_inputs import (
     load_run_scenario,
     model_profile,
     model_source,
+    output_folder,
     pair_train_config,
+    saved_options,
     train_pair,
 )
-from sflllm.experiments.train import default_output_dir, load_model_and_tokenizer, prepare
+from sflllm.experiments.train import load_model_and_tokenizer, prepare
 
 METHODS = ("proposed", *BASELINES)
 RUN_FILE = "run.yaml"
@@ -313,20 +309,9 @@ def run_closed_loop(options: RunOptions, output_dir: Path | None = None, *, cons
                     progress: bool = True, resume: bool = False) -> RunResult:
     """Plan, train every distinct (l, r), simulate each round's allocation, write the report."""
     console = console or Console(soft_wrap=True)
-    out = Path(output_dir) if output_dir is not None else default_output_dir()
+    out = output_folder(output_dir, resume=resume, options_file=RUN_FILE, command="run")
     if resume:
-        if not (out / RUN_FILE).is_file():
-            raise TrainInputError(f"resume: {out / RUN_FILE} not found; is {out} the output of `sflllm run`?")
-        saved = read_config_file(out / RUN_FILE)
-        if saved.get("scenario") == SCENARIO_FILE:
-            saved["scenario"] = str(out / SCENARIO_FILE)
-        try:
-            options = RunOptions.model_validate(saved)
-        except ValidationError as e:
-            raise TrainInputError(f"resume: {out / RUN_FILE}: {describe_validation_error(e)}") from None
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainInputError(f"output {out} already exists and is not empty; continue it with --resume {out} "
-                              "or choose another --output")
+        options = saved_options(out, RUN_FILE, RunOptions, relative=("scenario",))
     plan = plan_run(options)
     _announce(plan, console)
     out.mkdir(parents=True, exist_ok=True)

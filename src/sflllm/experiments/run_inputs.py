@@ -6,15 +6,22 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from sflllm.allocation.scenario import Scenario, ScenarioError, load_scenario, scenario_from_mapping
 from sflllm.cost.profile import ModelProfile, profile_from_config
-from sflllm.experiments.config import TrainConfig, TrainInputError, describe_validation_error
-from sflllm.experiments.train import METRICS_FILE, STATE_FILE, TrainResult, resume_train, run_train
+from sflllm.experiments.config import TrainConfig, TrainInputError, describe_validation_error, read_config_file
+from sflllm.experiments.train import (
+    METRICS_FILE,
+    STATE_FILE,
+    TrainResult,
+    default_output_dir,
+    resume_train,
+    run_train,
+)
 
 # The offline demo's scenario: the spec §6 defaults, except what fits the built-in tiny model and a
 # 3-minute run on 2 cores (K, I, b, s, the rank set, fewer subchannels), with E(r) measured on it by
@@ -119,3 +126,30 @@ def train_pair(folder: Path, config: TrainConfig, console: Console, progress: bo
     if folder.is_dir() and any(folder.iterdir()):  # stopped in its first round: resume_train restarts it
         return resume_train(folder, {"rounds": config.rounds}, console=console, progress=progress)
     return run_train(config, folder, console=console, progress=progress)
+
+
+Options = TypeVar("Options", bound=BaseModel)
+
+
+def output_folder(output_dir: Path | None, *, resume: bool, options_file: str, command: str) -> Path:
+    """The output folder: for ``--resume`` one that holds ``options_file``; otherwise new or empty."""
+    out = Path(output_dir) if output_dir is not None else default_output_dir()
+    if resume:
+        if not (out / options_file).is_file():
+            raise TrainInputError(f"resume: {out / options_file} not found; is {out} the output of `sflllm {command}`?")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TrainInputError(f"output {out} already exists and is not empty; continue it with --resume {out} "
+                              "or choose another --output")
+    return out
+
+
+def saved_options(out: Path, options_file: str, cls: type[Options], relative: tuple[str, ...] = ()) -> Options:
+    """The options a run saved in ``out / options_file``; the fields in ``relative`` are paths relative to ``out``."""
+    values = read_config_file(out / options_file)
+    for key in relative:
+        if values.get(key) is not None and not Path(values[key]).is_absolute():
+            values[key] = str(out / values[key])
+    try:
+        return cls.model_validate(values)
+    except ValidationError as e:
+        raise TrainInputError(f"resume: {out / options_file}: {describe_validation_error(e)}") from None
