@@ -220,9 +220,9 @@ def run(
     resume: ResumeOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Optimise the allocation for the trained model, train with the choice and every baseline's (l, r),
-    and report held-out loss against simulated wall-clock time (report.md, metrics.json, curves.csv, PNGs).
+    """Optimise the network for the trained model, train with the choice and every baseline's, compare time to accuracy.
 
+    Writes report.md, metrics.json, curves.csv and PNGs (held-out loss against simulated wall-clock time).
     With no options: offline, on the built-in tiny model, synthetic data and the demo scenario.
     """
     flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
@@ -246,7 +246,9 @@ def calibrate(
     resume: ResumeOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Measure E(r), the rounds each LoRA rank needs to reach a target held-out loss; writes
-    rounds_per_rank.yaml (a scenario fragment; `sflllm run --calibration DIR` uses it), curves.csv and a PNG."""
+    """Measure E(r), the rounds each LoRA rank needs to reach a target held-out loss.
+
+    Writes rounds_per_rank.yaml (a scenario fragment; `sflllm run --calibration DIR` uses it), curves.csv and a PNG.
+    """
     flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
     _launch("sflllm.experiments.calibrate", "CalibrateOptions", "run_calibrate", flags, output, resume, quiet)
