@@ -126,6 +126,7 @@ def test_headline_reductions_follow_time_to_target(static_run):
         record = metrics["methods"][row["method"]]
         first = next((r for r in record["rounds"] if r["heldout_loss"] <= target), None)
         assert row["time_to_target_s"] == (None if first is None else first["sim_time_s"])
+        assert row["planned_rounds"] == {2: 3, 4: 2}[row["rank"]]  # E(r) of the scenario
         if row["method"] != "proposed" and row["time_to_target_s"]:
             assert row["reduction_by_proposed"] == pytest.approx(1 - ours / row["time_to_target_s"])
 

@@ -209,8 +209,8 @@ def method_record(method: str, trace: dict[str, Any], allocations: list[RoundAll
             "final_heldout_loss": rounds[-1]["heldout_loss"], "final_sim_time_s": rounds[-1]["sim_time_s"]}
 
 
-def headline(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: time to target and proposed's reduction against it (1 - T_proposed / T_method)."""
+def headline(methods: dict[str, dict[str, Any]], rounds_per_rank: dict[str, int]) -> list[dict[str, Any]]:
+    """Per method: planned E(r), measured rounds and time to target, proposed's reduction (1 - T_proposed / T_method)."""
     ours = methods["proposed"]["time_to_target_s"]
     rows = []
     for name, record in methods.items():
@@ -219,7 +219,7 @@ def headline(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if name != "proposed" and ours is not None and theirs is not None and theirs > 0:
             reduction = 1.0 - ours / theirs
         rows.append({"method": name, "split_layer": record["split_layer"], "rank": record["rank"],
-                     "rounds_to_target": record["rounds_to_target"], "time_to_target_s": theirs,
+                     "planned_rounds": rounds_per_rank[str(record["rank"])], "rounds_to_target": record["rounds_to_target"], "time_to_target_s": theirs,
                      "final_heldout_loss": record["final_heldout_loss"], "reduction_by_proposed": reduction})
     return rows
 
@@ -282,7 +282,7 @@ def compose(plan: Plan, traces: dict[str, dict[str, Any]], pair_dirs: dict[str, 
         "pairs": {key: {"dir": pair_dirs[key], "initial_heldout_loss": trace["initial"]["heldout_loss"],
                         "rounds": trace["rounds"]} for key, trace in traces.items()},
         "methods": methods,
-        "headline": headline(methods),
+        "headline": headline(methods, {str(r): realised.rounds(r) for r in training.ranks}),
         "precision": precision,
     }
 

@@ -44,8 +44,8 @@ def _seconds(value: float | None) -> str:
 
 def headline_markdown(metrics: dict[str, Any]) -> str:
     """The headline table: time to the target loss per method and proposed's reduction against it."""
-    lines = ["| method | (l, r) | rounds to target | simulated time to target | final held-out loss | "
-             "proposed's reduction |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | (l, r) | E(r) planned | rounds to target | simulated time to target | final held-out loss | "
+             "proposed's reduction |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in metrics["headline"]:
         reduction = row["reduction_by_proposed"]
         if row["method"] == "proposed":
@@ -54,7 +54,7 @@ def headline_markdown(metrics: dict[str, Any]) -> str:
             shown = "n/a"
         else:
             shown = f"{100 * reduction:.1f}%"
-        lines.append(f"| {row['method']} | ({row['split_layer']}, {row['rank']}) | "
+        lines.append(f"| {row['method']} | ({row['split_layer']}, {row['rank']}) | {row['planned_rounds']} | "
                      f"{row['rounds_to_target'] if row['rounds_to_target'] is not None else 'not reached'} | "
                      f"{_seconds(row['time_to_target_s'])} | {row['final_heldout_loss']:.4f} | {shown} |")
     return "\n".join(lines)
