@@ -60,7 +60,7 @@ def test_calibration_writes_a_fragment_curves_and_a_figure(calibration, tiny_sce
 
 
 def test_run_with_the_calibration_chooses_as_a_hand_written_table_does(calibration, tiny_scenario_file, tmp_path):
-    plan = plan_run(RunOptions(scenario=str(tiny_scenario_file), calibration=str(calibration.output_dir), **TINY))
+    plan = plan_run(RunOptions(scenario=str(tiny_scenario_file), calibration=(str(calibration.output_dir),), **TINY))
     table = {int(r): e for r, e in calibration.calibration["rounds_per_rank"].items()}
     assert plan.target_loss == calibration.calibration["target_loss"]
     assert any("calibration" in note for note in plan.overrides)
@@ -79,7 +79,7 @@ def test_calibration_with_other_training_settings_is_refused(calibration, tiny_s
     other = tmp_path / "other.yaml"
     other.write_text(tiny_scenario_file.read_text().replace("local_steps: 2", "local_steps: 3"))
     with pytest.raises(TrainInputError, match=r"calibration: .* measured with local_steps=2, this run has local_steps=3"):
-        plan_run(RunOptions(scenario=str(other), calibration=str(calibration.output_dir), **TINY))
+        plan_run(RunOptions(scenario=str(other), calibration=(str(calibration.output_dir),), **TINY))
 
 
 def test_split_layer_outside_the_model_fails_before_writing(tmp_path, tiny_scenario_file):
@@ -106,3 +106,25 @@ def test_unreached_ranks_are_left_out_with_a_warning(calibration, tmp_path):
     assert result.calibration["rounds_per_rank"] == {} and result.calibration["unreached_ranks"] == [2, 4]
     assert buffer.getvalue().count("warning: rank") == 2
     assert read_config_file(out / "rounds_per_rank.yaml") == {"training": {"ranks": [], "rounds_per_rank": {}}}
+
+
+def test_calibrations_at_two_precisions_let_the_search_choose_the_bits(calibration, tiny_scenario_file, tmp_path):
+    """Beyond the paper: E(r) measured at 32 and at 8 bits (same target); the run picks the precision whose
+    best plan is fastest and reports each precision's plan."""
+    target = calibration.calibration["target_loss"]
+    cal8 = run_calibrate(CalibrateOptions(scenario=str(tiny_scenario_file), max_rounds=3, act_bits=8, target_loss=target,
+                                          **TINY), tmp_path / "cal8", progress=False, console=Console(quiet=True))
+    if not cal8.calibration["rounds_per_rank"]:
+        pytest.skip("no rank reached the 32-bit target at 8 bits in 3 rounds")
+    folders = (str(calibration.output_dir), str(cal8.output_dir))
+    plan = plan_run(RunOptions(scenario=str(tiny_scenario_file), calibration=folders, **TINY))
+    search = plan.precision_search
+    assert set(search) == {"32", "8"}
+    best = min(search, key=lambda bits: search[bits]["planned_total_delay_s"])
+    assert plan.act_bits == int(best) and plan.realised.scenario.model.act_bits == int(best)
+    assert plan.outcome.proposed.total_delay_s == search[best]["planned_total_delay_s"]
+    assert (plan.reference_key is not None) == (best != "32")  # below 32 bits the loss cost is measured
+    with pytest.raises(TrainInputError, match="--act-bits: with several --calibration folders"):
+        plan_run(RunOptions(scenario=str(tiny_scenario_file), calibration=folders, act_bits=8, **TINY))
+    with pytest.raises(TrainInputError, match="measured at different act_bits"):
+        plan_run(RunOptions(scenario=str(tiny_scenario_file), calibration=(folders[0], folders[0]), **TINY))

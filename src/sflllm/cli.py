@@ -185,7 +185,8 @@ def _launch(module: str, options_class: str, function: str, flags: dict, output:
 
         target = importlib.import_module(module)
         cls, go = getattr(target, options_class), getattr(target, function)
-        flag_values = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None}
+        flag_values = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
+                       for k, v in flags.items() if v is not None}
         if resume is not None:
             given = sorted(k for k, v in flag_values.items() if v != _RUN_DEFAULTS.get(k))
             if given or output is not None:
@@ -210,7 +211,7 @@ def run(
     eval_data: EvalDataOption = None,
     train_samples: TrainSamplesOption = None,
     eval_samples: EvalSamplesOption = 64,
-    calibration: Annotated[Path | None, typer.Option(help="An `sflllm calibrate` output folder: use its measured E(r) and target loss.")] = None,
+    calibration: Annotated[list[Path] | None, typer.Option(help="An `sflllm calibrate` output folder: use its measured E(r) and target loss. Repeat it with folders calibrated at other --act-bits (same --target-loss) and the search also chooses the precision.")] = None,
     fading: Annotated[str, typer.Option(help="static | block (redraw small-scale fading and re-solve the allocation every round).")] = "static",
     act_bits: ActBitsOption = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds to train each (l, r) (default: the largest E(r) among the methods' ranks).")] = None,

@@ -8,6 +8,8 @@ Steps (all validation happens before ``DIR`` is created; nothing is left in it o
    ``training.rounds_per_rank`` with the measured ones (``sflllm calibrate``). ``--act-bits`` overrides
    ``model.act_bits``. The run has no flags for K, I, b or s, so they cannot contradict the scenario:
    the scenario is their single source; ``--act-bits`` is the one override, said in the report.
+   Several ``--calibration`` folders, measured at different act_bits with one target loss, make the
+   search choose the precision too (the fastest precision's plan is kept; beyond the paper).
 2. The model profile is the trained model's own (its HF config), never the scenario's preset.
 3. The optimiser (spec §5) picks (l, r) and allocations for ``proposed`` and every baseline.
 4. Every distinct (l, r) among the methods is trained once (``sflllm train``'s engine, same data and
@@ -16,8 +18,9 @@ Steps (all validation happens before ``DIR`` is created; nothing is left in it o
    round's T_round (spec §4); the simulated time after round t is the sum of T_round over rounds 1..t.
 6. Time to the target loss per method, and proposed's reduction against each baseline.
 
-``--resume DIR`` continues an interrupted run: every pair's training resumes bit-identically from its
-checkpoint and the rest is recomputed (deterministic from the seeds).
+``--resume DIR`` continues an interrupted run: it plans again from the saved inputs (``run.yaml``,
+``scenario_input.yaml``; deterministic from the seeds), and every pair's training resumes
+bit-identically from its checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from rich.console import Console
 from sflllm.allocation.optimize import BASELINES, Outcome, optimise
 from sflllm.allocation.rounds import FADING, RoundAllocation, round_allocations
 from sflllm.allocation.scenario import Realised, Scenario, ScenarioError, realise, scenario_from_mapping, scenario_to_yaml
+from sflllm.cost.profile import ModelProfile
 from sflllm.experiments.calibrate import read_calibration, rounds_to_reach
 from sflllm.experiments.checkpoint import write_atomic
 from sflllm.experiments.config import TrainConfig, TrainInputError, config_to_yaml
@@ -55,6 +59,7 @@ from sflllm.experiments.train import load_model_and_tokenizer, prepare
 METHODS = ("proposed", *BASELINES)
 RUN_FILE = "run.yaml"
 SCENARIO_FILE = "scenario.yaml"
+SCENARIO_INPUT_FILE = "scenario_input.yaml"
 MODEL_CONFIG_FILE = "model_config.json"
 PAIRS_DIR = "pairs"
 RUN_METRICS_SCHEMA = "sflllm.run.metrics/1"
@@ -62,12 +67,12 @@ RUN_METRICS_SCHEMA = "sflllm.run.metrics/1"
 class RunOptions(TrainingInputs):
     """What ``sflllm run`` was asked to do (saved as ``DIR/run.yaml``; ``--resume`` reads it back)."""
 
-    calibration: str | None = Field(None, description="an `sflllm calibrate` output folder: its E(r) is used")
+    calibration: tuple[str, ...] = Field((), description="`sflllm calibrate` output folders: their E(r) is used; "
+                                         "several, measured at different act_bits, let the search choose the precision")
     fading: Literal["static", "block"] = "static"
     rounds: int | None = Field(None, ge=1,
                                description="rounds to train each pair; None: the largest E(r) among the methods' ranks")
     target_loss: float | None = Field(None, gt=0, description="None: calibration's target, else the loosest final loss")
-    notes: tuple[str, ...] = Field((), description="what overrode the scenario (kept for --resume's report)")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Plan:
     target_loss: float | None
     target_source: str
     overrides: tuple[str, ...]
+    precision_search: dict[str, dict[str, Any]] | None  # act_bits -> proposed's plan at that precision
     model_source: str
     model_config_json: dict[str, Any]
 
@@ -123,16 +129,43 @@ def _with_training(scenario: Scenario, **training: Any) -> Scenario:
         raise TrainInputError(str(e)) from None
 
 
+def _with_bits(scenario: Scenario, bits: int) -> Scenario:
+    return scenario.model_copy(update={"model": scenario.model.model_copy(update={"act_bits": bits})})
+
+
+def _optimised(scenario: Scenario, profile: ModelProfile) -> tuple[Realised, Outcome]:
+    """The scenario realised for the trained model's profile (every check against the model) and optimised."""
+    check_ranks(scenario.training.ranks, profile)
+    try:
+        realised = realise(scenario, profile)
+        return realised, optimise(realised)
+    except ScenarioError as e:
+        raise TrainInputError(str(e)) from None
+
+
+def _check_comparable(calibrations: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Several calibrations (one per precision) must differ in act_bits only and share one target loss."""
+    bits = [cal.get("act_bits") for _, cal in calibrations]
+    if len(set(bits)) != len(bits):
+        raise TrainInputError(f"calibration: the folders must be measured at different act_bits, got {bits}")
+    targets = {cal.get("target_loss") for _, cal in calibrations}
+    if len(targets) > 1:
+        raise TrainInputError(f"calibration: the folders use different target losses {sorted(targets)}; calibrate "
+                              "every precision with the same --target-loss so that their E(r) compare")
+
+
 def plan_run(options: RunOptions) -> Plan:
     """Load, check and optimise; decide what to train. Writes nothing."""
     scenario = load_run_scenario(options)
-    overrides: list[str] = list(options.notes)
+    overrides: list[str] = []
+    if len(options.calibration) > 1 and options.act_bits is not None:
+        raise TrainInputError("--act-bits: with several --calibration folders the search chooses the precision; "
+                              "drop --act-bits or keep one calibration")
     act_bits = scenario.model.act_bits if options.act_bits is None else options.act_bits
     if act_bits not in (32, 16, 8):
         raise TrainInputError(f"model.act_bits: {act_bits} is not a cut precision sflllm trains with (32, 16 or 8)")
     if act_bits != scenario.model.act_bits:
         overrides.append(f"--act-bits {act_bits} overrides the scenario's model.act_bits = {scenario.model.act_bits}")
-        scenario = scenario.model_copy(update={"model": scenario.model.model_copy(update={"act_bits": act_bits})})
 
     probe = TrainConfig(model=options.model, lora_targets=scenario.model.lora_targets)
     model, _ = load_model_and_tokenizer(probe)
@@ -140,28 +173,38 @@ def plan_run(options: RunOptions) -> Plan:
     source, digest = model_source(options.model), architecture_digest(profile)
 
     target_loss, target_source = options.target_loss, "--target-loss"
-    if options.calibration is not None:
-        folder = Path(options.calibration)
-        cal = read_calibration(folder)
-        _check_calibration(cal, folder, scenario, source, digest, act_bits, options)
+    candidates: dict[int, tuple[Scenario, Realised, Outcome]] = {}
+    calibrations = [(Path(folder), read_calibration(Path(folder))) for folder in options.calibration]
+    if len(calibrations) > 1:
+        _check_comparable(calibrations)
+    for folder, cal in calibrations:
+        bits = int(cal.get("act_bits", 0)) if len(calibrations) > 1 else act_bits
+        at_bits = _with_bits(scenario, bits)
+        _check_calibration(cal, folder, at_bits, source, digest, bits, options)
         table = {int(k): int(v) for k, v in cal["rounds_per_rank"].items()}
         if not table:
             raise TrainInputError(f"calibration: no rank of {folder} reached its target loss; nothing to optimise")
-        scenario = _with_training(scenario, ranks=sorted(table), rounds_per_rank=table)
-        overrides.append(f"E(r) and the rank set come from the calibration in {folder}")
+        at_bits = _with_training(at_bits, ranks=sorted(table), rounds_per_rank=table)
+        candidates[bits] = (at_bits, *_optimised(at_bits, profile))
+        overrides.append(f"E(r) and the rank set at {bits} bits come from the calibration in {folder}")
         if target_loss is None:
             target_loss, target_source = float(cal["target_loss"]), f"the calibration's target ({folder})"
+    if not candidates:
+        at_bits = _with_bits(scenario, act_bits)
+        candidates[act_bits] = (at_bits, *_optimised(at_bits, profile))
+    act_bits = min(candidates, key=lambda bits: (candidates[bits][2].proposed.total_delay_s, -bits))
+    scenario, realised, outcome = candidates[act_bits]
+    precision_search = None
+    if len(candidates) > 1:
+        precision_search = {str(bits): {"split_layer": o.proposed.split_layer, "rank": o.proposed.rank,
+                                        "rounds": r.rounds(o.proposed.rank), "planned_total_delay_s": o.proposed.total_delay_s}
+                            for bits, (_, r, o) in sorted(candidates.items(), reverse=True)}
+        overrides.append(f"the search chose act_bits = {act_bits} among {sorted(candidates, reverse=True)}")
     if target_loss is None and options.scenario is None:
         target_loss, target_source = DEMO_TARGET_LOSS, "the demo scenario's calibration target"
     if target_loss is None:
         target_source = "the highest final held-out loss among the trained (l, r): every method reaches it"
 
-    check_ranks(scenario.training.ranks, profile)
-    try:
-        realised = realise(scenario, profile)
-        outcome = optimise(realised)
-    except ScenarioError as e:
-        raise TrainInputError(str(e)) from None
     optimiser = outcome.optimiser
     random_subchannel, random_all = optimiser.random_baselines()  # their first draw's (l, r), as optimize shows
     solutions = {"proposed": outcome.proposed, "random_subchannel": random_subchannel,
@@ -186,7 +229,8 @@ def plan_run(options: RunOptions) -> Plan:
     return Plan(options=options, scenario=scenario, realised=realised, outcome=outcome, method_pairs=method_pairs,
                 rounds=rounds, act_bits=act_bits, train_configs=train_configs, method_keys=method_keys,
                 reference_key=reference_key, target_loss=target_loss, target_source=target_source,
-                overrides=tuple(overrides), model_source=source, model_config_json=model.config.to_dict())
+                overrides=tuple(overrides), precision_search=precision_search, model_source=source,
+                model_config_json=model.config.to_dict())
 
 
 # --------------------------------------------------------------------------- composing the results
@@ -284,13 +328,15 @@ def compose(plan: Plan, traces: dict[str, dict[str, Any]], pair_dirs: dict[str, 
         "methods": methods,
         "headline": headline(methods, {str(r): realised.rounds(r) for r in training.ranks}),
         "precision": precision,
+        "precision_search": plan.precision_search,
     }
 
 
 # --------------------------------------------------------------------------- the run
 
 def _write_inputs(out: Path, plan: Plan) -> None:
-    """run.yaml (options, resolved so that --resume needs nothing else), scenario.yaml, model_config.json."""
+    """run.yaml and scenario_input.yaml (the inputs: --resume plans again from them), scenario.yaml (the
+    realised scenario as used) and model_config.json."""
     import json
 
     saved = plan.realised.scenario.model_copy(update={"model": plan.realised.scenario.model.model_copy(
@@ -299,10 +345,11 @@ def _write_inputs(out: Path, plan: Plan) -> None:
     header = ("# The realised scenario of this run: every draw explicit, E(r) and act_bits as used, and the\n"
               "# trained model's own config as model.hf_config (`sflllm optimize --scenario` reproduces the plan).\n")
     write_atomic(out / SCENARIO_FILE, (header + scenario_to_yaml(saved)).encode("utf-8"))
-    resolved = plan.options.model_copy(update={"scenario": SCENARIO_FILE, "calibration": None,
-                                               "target_loss": plan.target_loss, "act_bits": plan.act_bits,
-                                               "rounds": plan.rounds, "notes": plan.overrides})
-    write_atomic(out / RUN_FILE, config_to_yaml(resolved).encode("utf-8"))  # type: ignore[arg-type]
+    inputs: dict[str, Any] = {"calibration": tuple(str(Path(c).resolve()) for c in plan.options.calibration)}
+    if plan.options.scenario is not None:
+        write_atomic(out / SCENARIO_INPUT_FILE, scenario_to_yaml(load_run_scenario(plan.options)).encode("utf-8"))
+        inputs["scenario"] = SCENARIO_INPUT_FILE
+    write_atomic(out / RUN_FILE, config_to_yaml(plan.options.model_copy(update=inputs)).encode("utf-8"))  # type: ignore[arg-type]
 
 
 def run_closed_loop(options: RunOptions, output_dir: Path | None = None, *, console: Console | None = None,
