@@ -116,12 +116,8 @@ def train(**options: Any) -> None:
     except TrainInputError as e:
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(code=2) from None
-    if quiet:  # also the weight-loading and download bars of transformers / huggingface_hub (process-wide)
-        import huggingface_hub.utils
-        import transformers.utils.logging
-
-        transformers.utils.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
+    if quiet:
+        _hide_loading_bars()
     from sflllm.experiments.train import TrainInterrupted, resume_train, run_train
 
     with warnings.catch_warnings():
@@ -260,3 +256,133 @@ def reproduce(
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(code=2) from None
     print_summary(run, console)
+
+
+def _hide_loading_bars() -> None:
+    """--quiet also hides the weight-loading and download bars of transformers / huggingface_hub (process-wide)."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def _report_errors(work) -> None:
+    """Run ``work()``; a TrainInputError becomes one ``error:`` line on stderr and exit code 2."""
+    import warnings
+
+    from rich.console import Console
+
+    from sflllm.experiments.config import TrainInputError
+    from sflllm.files import FileInputError
+
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}", markup=False)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        try:
+            work()
+        except (TrainInputError, FileInputError) as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(code=2) from None
+
+
+# Options shared by `sflllm run` and `sflllm calibrate` (declared once).
+ScenarioOption = Annotated[Path | None, typer.Option(help="Scenario YAML (spec §6): K, I, b, s, seed, ranks, E(r), clients, network (default: the built-in demo scenario).")]
+ModelOption = Annotated[str | None, typer.Option(help="HF model name or local dir (default: built-in tiny demo model).")]
+DataOption = Annotated[str | None, typer.Option(help="Training data: .csv (mr,ref), .jsonl or hub dataset (default: synthetic E2E-style).")]
+EvalDataOption = Annotated[str | None, typer.Option(help="Held-out data (default: held-out MRs of --data).")]
+TrainSamplesOption = Annotated[int | None, typer.Option(help="Use at most this many training examples.")]
+EvalSamplesOption = Annotated[int, typer.Option(help="Held-out examples for the held-out loss.")]
+ActBitsOption = Annotated[int | None, typer.Option(help="Bits per value at the cut, both directions: 32 | 16 | 8 (default: the scenario's model.act_bits).")]
+LrOption = Annotated[float | None, typer.Option(help="Learning rate (default: sflllm train's).")]
+OutputOption = Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")]
+ResumeOption = Annotated[Path | None, typer.Option(help="Continue the interrupted work in this output dir (with its saved options).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+_RUN_DEFAULTS = {"eval_samples": 64, "fading": "static", "max_rounds": 20}
+
+
+def _launch(module: str, options_class: str, function: str, flags: dict, output: Path | None, resume: Path | None,
+            quiet: bool) -> None:
+    """Validate ``flags`` into ``module.options_class`` and call ``module.function`` (or resume DIR with its
+    saved options); bad input is one ``error:`` line and exit code 2."""
+    if quiet:
+        _hide_loading_bars()
+
+    def work() -> None:
+        import importlib
+
+        from pydantic import ValidationError
+
+        from sflllm.experiments.config import TrainInputError, describe_validation_error
+
+        target = importlib.import_module(module)
+        cls, go = getattr(target, options_class), getattr(target, function)
+        flag_values = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
+                       for k, v in flags.items() if v is not None}
+        if resume is not None:
+            given = sorted(k for k, v in flag_values.items() if v != _RUN_DEFAULTS.get(k))
+            if given or output is not None:
+                dropped = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--output"
+                raise TrainInputError(f"--resume continues DIR with its saved options; drop {dropped}")
+            go(cls(), resume, progress=not quiet, resume=True)
+            return
+        try:
+            options = cls.model_validate(flag_values)
+        except ValidationError as e:
+            raise TrainInputError(f"options: {describe_validation_error(e)}") from None
+        go(options, output, progress=not quiet)
+
+    _report_errors(work)
+
+
+@app.command()
+def run(
+    scenario: ScenarioOption = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    eval_data: EvalDataOption = None,
+    train_samples: TrainSamplesOption = None,
+    eval_samples: EvalSamplesOption = 64,
+    calibration: Annotated[list[Path] | None, typer.Option(help="An `sflllm calibrate` output folder: use its measured E(r) and target loss. Repeat it with folders calibrated at other --act-bits (same --target-loss) and the search also chooses the precision.")] = None,
+    fading: Annotated[str, typer.Option(help="static | block (redraw small-scale fading and re-solve the allocation every round).")] = "static",
+    act_bits: ActBitsOption = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds to train each (l, r) (default: the largest E(r) among the methods' ranks).")] = None,
+    target_loss: Annotated[float | None, typer.Option(help="Held-out loss to reach (default: the calibration's, else the highest final loss of the trained pairs).")] = None,
+    lr: LrOption = None,
+    output: OutputOption = None,
+    resume: ResumeOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Optimise the network for the trained model, train with the choice and every baseline's, compare time to accuracy.
+
+    Writes report.md, metrics.json, curves.csv and PNGs (held-out loss against simulated wall-clock time).
+    With no options: offline, on the built-in tiny model, synthetic data and the demo scenario.
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
+    _launch("sflllm.experiments.closed_loop", "RunOptions", "run_closed_loop", flags, output, resume, quiet)
+
+
+@app.command()
+def calibrate(
+    scenario: ScenarioOption = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    eval_data: EvalDataOption = None,
+    train_samples: TrainSamplesOption = None,
+    eval_samples: EvalSamplesOption = 64,
+    split_layer: Annotated[int | None, typer.Option(help="Split layer of the calibration runs (default: the middle block).")] = None,
+    max_rounds: Annotated[int, typer.Option(help="Rounds to train each rank.")] = 20,
+    target_loss: Annotated[float | None, typer.Option(help="Held-out loss that defines E(r) (default: best final loss over the ranks + 5% of the drop).")] = None,
+    act_bits: ActBitsOption = None,
+    lr: LrOption = None,
+    output: OutputOption = None,
+    resume: ResumeOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Measure E(r), the rounds each LoRA rank needs to reach a target held-out loss.
+
+    Writes rounds_per_rank.yaml (a scenario fragment; `sflllm run --calibration DIR` uses it), curves.csv and a PNG.
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
+    _launch("sflllm.experiments.calibrate", "CalibrateOptions", "run_calibrate", flags, output, resume, quiet)

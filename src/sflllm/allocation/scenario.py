@@ -372,6 +372,13 @@ def _check_sizes(scenario: Scenario) -> None:
             raise ScenarioError(f"training.rounds_per_rank: no entry E(r) for rank {rank}")
 
 
+def _check_seq_len(scenario: Scenario, profile: ModelProfile) -> None:
+    """s must fit the model's positions (as ``sflllm train`` requires)."""
+    seq_len, limit = scenario.model.seq_len, profile.max_positions
+    if limit is not None and seq_len > limit:
+        raise ScenarioError(f"model.seq_len: {seq_len} exceeds the model's {limit} positions")
+
+
 def _allowed_pairs(scenario: Scenario, profile: ModelProfile,
                    memory: np.ndarray | None) -> tuple[tuple[int, int], ...]:
     training, L = scenario.training, profile.num_layers
@@ -407,7 +414,7 @@ def _check_baselines(scenario: Scenario, pairs: tuple[tuple[int, int], ...]) -> 
                             f"({sorted({r for _, r in pairs})})")
 
 
-def realise(scenario: Scenario) -> Realised:
+def realise(scenario: Scenario, profile: ModelProfile | None = None) -> Realised:
     """Check the scenario against the model and draw its random quantities (spec §6 "Draws").
 
     One ``numpy.random.default_rng(seed)``, in this order, each only where the value is drawn:
@@ -415,9 +422,13 @@ def realise(scenario: Scenario) -> Realised:
     shadowing MS then FS (K values each, when shadowing_db > 0 and not given explicitly); then fading
     MS (K x M) then FS (K x N) (Exp(1) via ``Generator.exponential``, for "rayleigh" and when the
     link's gains are not given explicitly).
+
+    ``profile`` replaces ``scenario.model``'s preset/hf_config: the profile of the model actually
+    trained (``sflllm run``). Its ``lora_targets`` are then the ones in force.
     """
     _check_sizes(scenario)
-    profile = scenario_profile(scenario)
+    profile = profile if profile is not None else scenario_profile(scenario)
+    _check_seq_len(scenario, profile)
     rng = np.random.default_rng(scenario.seed)
     clients, network = scenario.clients, scenario.network
     K = clients.count

@@ -49,6 +49,7 @@ class ModelProfile:
     lora_targets: tuple[str, ...]
     embedding_params: int           # P_emb: token (+ learned position) embeddings
     block_params: int               # P_blk: weights, biases and norms of one block
+    max_positions: int | None = None  # the longest sequence s the model takes (None: its config does not say)
 
     @property
     def target_linears(self) -> tuple[LinearLayer, ...]:
@@ -102,12 +103,13 @@ def _gpt2_fields(*, n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_p
         linears=linears,
         embedding_params=vocab_size * d + n_positions * d,
         block_params=_linear_params(linears) + norms,
+        max_positions=n_positions,
     )
 
 
 def _llama_fields(*, model_type: str, num_hidden_layers: int, hidden_size: int, num_attention_heads: int,
                   num_key_value_heads: int, head_dim: int, intermediate_size: int, vocab_size: int,
-                  attention_bias: bool, mlp_bias: bool) -> dict[str, Any]:
+                  attention_bias: bool, mlp_bias: bool, max_position_embeddings: int | None) -> dict[str, Any]:
     d = hidden_size
     q_width = num_attention_heads * head_dim
     kv_width = num_key_value_heads * head_dim
@@ -130,6 +132,7 @@ def _llama_fields(*, model_type: str, num_hidden_layers: int, hidden_size: int, 
         # Token embeddings only (rotary positions have no parameters); an untied LM head is the MS's.
         embedding_params=vocab_size * d,
         block_params=_linear_params(linears) + norms,
+        max_positions=max_position_embeddings,
     )
 
 
@@ -147,7 +150,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # llama2.c stories260K (shared/data/models/stories260K/hf/config.json).
     "stories260k": dict(model_type="llama", num_hidden_layers=5, hidden_size=64, num_attention_heads=8,
                         num_key_value_heads=4, head_dim=8, intermediate_size=172, vocab_size=512,
-                        tie_word_embeddings=True),
+                        max_position_embeddings=512, tie_word_embeddings=True),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
 
@@ -204,8 +207,9 @@ def profile_from_config(config: Mapping[str, Any], lora_targets: list[str] | tup
             model_type=model_type, num_hidden_layers=get("num_hidden_layers"), hidden_size=hidden,
             num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads", None) or heads,
             head_dim=get("head_dim", None) or hidden // heads, intermediate_size=get("intermediate_size"),
-            vocab_size=get("vocab_size"), attention_bias=bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            vocab_size=get("vocab_size"), attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+            max_position_embeddings=get("max_position_embeddings", None),
         )
     return _with_targets(fields, lora_targets)
 

@@ -47,6 +47,9 @@ class TrainConfig(BaseModel):
         None, min_length=1, description="comma-separated LoRA target modules; None: the model type's default"
     )
     server_adapter: Literal["shared", "per_client"] = Field("shared", description="one of shared, per_client")
+    act_bits: Literal[32, 16, 8] = Field(
+        32, description="bits per value at the cut, both directions: 32, 16 (bfloat16) or 8 (int8 per token)"
+    )
     local_steps: int = Field(6, ge=1, description="local iterations I per round")
     rounds: int = Field(6, ge=1, description="training rounds (with --resume: the new total)")
     batch_size: int = Field(8, ge=1, description="mini-batch size b per client")

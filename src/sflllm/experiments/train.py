@@ -327,6 +327,7 @@ def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
         weight_decay=config.weight_decay,
         seed=config.seed,
         server_adapter=config.server_adapter,
+        act_bits=config.act_bits,
     )
     federation = make_federation(split, client_data, hyper)
     engine = flower_simulation(config, federation) if config.engine == "flower-sim" else federation

@@ -70,8 +70,9 @@ CONNECT_TIMEOUT_S = 300.0
 
 
 # --------------------------------------------------------------------------- the clients
-def make_client_app(load_client: LoadClient) -> ClientApp:
-    """The ClientApp of every client: it keeps its whole state in its Flower context between messages."""
+def make_client_app(load_client: LoadClient, act_bits: int = 32) -> ClientApp:
+    """The ClientApp of every client: it keeps its whole state in its Flower context between messages;
+    it sends its activations with ``act_bits`` bits per value (the run's ``CutSpec.act_bits``)."""
     app = ClientApp()
 
     def party(context: Context) -> tuple[int, torch.nn.Module, ClientState]:
@@ -113,7 +114,7 @@ def make_client_app(load_client: LoadClient) -> ClientApp:
             backward(msg, context, module, client)
         cursor = torch.tensor([client.cursor.epoch, client.cursor.position], dtype=torch.int64)
         with training(module):
-            pending, cut = client_step_forward(module, client, keep_graph=False)
+            pending, cut = client_step_forward(module, client, keep_graph=False, act_bits=act_bits)
         context.state[PENDING] = tensors_to_record({"cursor": cursor, "rng": pending.rng_state})
         save(context, k, client)
         return Message(activations_to_records(cut), reply_to=msg)
@@ -227,7 +228,7 @@ class FlowerSimulation:
 
         def simulate() -> None:
             try:
-                run_simulation(server_app, make_client_app(self._load_client), num_supernodes=self.num_clients,
+                run_simulation(server_app, make_client_app(self._load_client, self.federation.cut_spec.act_bits), num_supernodes=self.num_clients,
                                backend_config=self._backend_config)
             except BaseException as e:  # noqa: BLE001 - reported by _call
                 self._failure = e

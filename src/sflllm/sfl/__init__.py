@@ -9,6 +9,7 @@ from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.client import Batch, ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast, fedavg
 from sflllm.sfl.federation import LOCAL_ITERATIONS, Federation, Hyper, RoundEngine, make_federation
+from sflllm.sfl.precision import ACT_BITS, quantize_cut
 from sflllm.sfl.messages import CutActivations, CutGradients, CutSpec, check_activations, check_gradients
 from sflllm.sfl.protocol import (
     PendingBackward,
@@ -22,6 +23,7 @@ from sflllm.sfl.protocol import (
 from sflllm.sfl.rng import PartyRng, party_seed
 
 __all__ = [
+    "ACT_BITS",
     "LOCAL_ITERATIONS",
     "Adapter",
     "Batch",
@@ -45,6 +47,7 @@ __all__ = [
     "main_server_step",
     "make_federation",
     "party_seed",
+    "quantize_cut",
     "recompute_forward",
     "split_iteration",
 ]

@@ -39,6 +39,7 @@ from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.client import ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast
 from sflllm.sfl.messages import CutSpec
+from sflllm.sfl.precision import check_act_bits
 from sflllm.sfl.protocol import full_model_step, split_iteration
 from sflllm.sfl.rng import PartyRng
 
@@ -61,8 +62,10 @@ class Hyper:
     weight_decay: float = 0.0
     seed: int = 0
     server_adapter: Literal["shared", "per_client"] = "shared"
+    act_bits: int = 32  # q_act: precision of activations and their gradients at the cut (sfl.precision)
 
     def __post_init__(self) -> None:
+        check_act_bits(self.act_bits)
         if self.mode not in MODES:
             raise ValueError(f"Hyper.mode must be one of {MODES}, got {self.mode!r}")
         if self.server_adapter not in SERVER_ADAPTERS:
@@ -174,6 +177,7 @@ class Federation:
             vocab_size=int(split.full.config.vocab_size),
             batch_size=hyper.batch_size,
             seq_len=int(client_data[0].input_ids.shape[1]),
+            act_bits=hyper.act_bits,
         )
 
     # ---------------------------------------------------------------- parties

@@ -21,13 +21,15 @@ from sflllm.model import IGNORE_INDEX
 @dataclass(frozen=True)
 class CutSpec:
     """What the main server expects at the cut: activations (b, s, ``hidden_size``) of ``dtype``,
-    labels below ``vocab_size``, and (where the runtime knows them) ``batch_size`` rows of ``seq_len``."""
+    labels below ``vocab_size``, and (where the runtime knows them) ``batch_size`` rows of ``seq_len``.
+    ``act_bits`` is the precision both directions are sent with (:func:`~sflllm.sfl.quantize_cut`)."""
 
     hidden_size: int
     dtype: torch.dtype
     vocab_size: int
     batch_size: int | None = None
     seq_len: int | None = None
+    act_bits: int = 32  # q_act: bits per value on the wire, both directions (sflllm.sfl.precision)
 
 
 @dataclass(frozen=True)

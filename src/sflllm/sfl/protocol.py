@@ -30,6 +30,7 @@ from sflllm.sfl.client import Batch, ClientState, client_forward
 from sflllm.sfl.federated_server import aggregate_and_broadcast
 from sflllm.sfl.main_server import serve_per_client, serve_shared
 from sflllm.sfl.messages import CutActivations, CutGradients, CutSpec, check_activations, check_gradients
+from sflllm.sfl.precision import quantize_cut
 from sflllm.sfl.rng import PartyRng, replayed
 
 
@@ -48,18 +49,19 @@ class PendingBackward:
 
 
 def client_step_forward(client_module: torch.nn.Module, client: ClientState, *,
-                        keep_graph: bool = True) -> tuple[PendingBackward, CutActivations]:
+                        keep_graph: bool = True, act_bits: int = 32) -> tuple[PendingBackward, CutActivations]:
     """Client k's forward: its next batch through embeddings + blocks 1..split_layer on its own stream.
 
-    Returns what the client keeps and what it sends: activations, attention mask and labels (never
-    the token ids).
+    Returns what the client keeps and what it sends: activations (with ``act_bits`` bits per value,
+    :func:`quantize_cut`), attention mask and labels (never the token ids).  The client keeps its
+    unquantised graph: the backward pass is straight-through.
     """
     batch = client.next_batch()
     rng_state = client.rng.state
     with client.rng.active(), torch.set_grad_enabled(keep_graph):
         hidden = client_forward(client_module, client.adapter.tensors, batch)
     pending = PendingBackward(batch, rng_state, hidden if keep_graph else None)
-    return pending, CutActivations(hidden.detach(), batch.attention_mask, batch.labels)
+    return pending, CutActivations(quantize_cut(hidden.detach(), act_bits), batch.attention_mask, batch.labels)
 
 
 def recompute_forward(client_module: torch.nn.Module, lora: Mapping[str, Tensor], batch: Batch,
@@ -97,13 +99,13 @@ def main_server_step(server_module: torch.nn.Module, adapters: Sequence[Adapter]
             losses, grads = serve_shared(server_module, adapters[0], cuts)
         else:
             losses, grads = serve_per_client(server_module, adapters, cuts)
-    return losses, [CutGradients(g) for g in grads]
+    return losses, [CutGradients(quantize_cut(g, spec.act_bits)) for g in grads]
 
 
 def split_iteration(client_module: torch.nn.Module, server_module: torch.nn.Module, clients: Sequence[ClientState],
                     servers: Sequence[Adapter], server_rng: PartyRng, spec: CutSpec) -> list[float]:
     """One synchronous local iteration over the cut, in one process (spec §1): forward, MS step, backward."""
-    forwards = [client_step_forward(client_module, client) for client in clients]
+    forwards = [client_step_forward(client_module, client, act_bits=spec.act_bits) for client in clients]
     losses, grads = main_server_step(server_module, servers, server_rng, [cut for _, cut in forwards], spec)
     for client, (pending, _), grad in zip(clients, forwards, grads, strict=True):
         client_step_backward(client_module, client.adapter, pending, grad)
