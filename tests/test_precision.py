@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sflllm.sfl.federation as federation_mod
+import sflllm.sfl.protocol as protocol_mod
 from sflllm.data import build_demo_tokenizer, load_examples, partition, synthetic_examples, tokenize
 from sflllm.experiments.train import heldout_loss
 from sflllm.model import attach_lora, build_demo_model, load_pretrained, split_model
@@ -82,7 +82,7 @@ def test_the_cut_tensors_in_both_directions_are_quantised(monkeypatch, bits):
         seen.append((x.detach().clone(), out.detach().clone()))
         return out
 
-    monkeypatch.setattr(federation_mod, "quantize_cut", spy)
+    monkeypatch.setattr(protocol_mod, "quantize_cut", spy)
     federation = _demo_federation(bits)
     federation.run_round(0)
     # per local iteration: K activations up, then K activation gradients down
