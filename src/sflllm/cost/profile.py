@@ -207,8 +207,8 @@ def profile_from_config(config: Mapping[str, Any], lora_targets: list[str] | tup
             model_type=model_type, num_hidden_layers=get("num_hidden_layers"), hidden_size=hidden,
             num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads", None) or heads,
             head_dim=get("head_dim", None) or hidden // heads, intermediate_size=get("intermediate_size"),
-            vocab_size=get("vocab_size"), attention_bias=bool(get("attention_bias", False)),
-            mlp_bias=bool(get("mlp_bias", False)),
+            vocab_size=get("vocab_size"), attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
             max_position_embeddings=get("max_position_embeddings", None),
         )
     return _with_targets(fields, lora_targets)
