@@ -45,9 +45,11 @@ def heavy_modules_imported(*cli_args: str) -> list[str]:
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def single_thread():
-    """Tiny models: one torch intra-op thread is faster than two (and robust on a loaded box); restored after."""
+    """Tiny models: one torch intra-op thread is faster than two (intra-op threads cost more in
+    synchronisation than they save, badly so on a loaded box); a module's tests share it, restored after.
+    Use it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
     import torch
 
     threads = torch.get_num_threads()

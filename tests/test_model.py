@@ -5,7 +5,6 @@ from __future__ import annotations
 import huggingface_hub.constants
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import BertConfig, LlamaConfig, LlamaForCausalLM

@@ -15,21 +15,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sflllm.data import build_demo_tokenizer, synthetic_examples, tokenize
 from sflllm.model import attach_lora, build_demo_model, lora_parameters, split_model
 from sflllm.sfl import Federation, Hyper, fedavg, make_federation
-from sflllm.sfl.client import Batch, Cursor, epoch_order, next_indices
+from sflllm.sfl.client import Cursor, epoch_order, next_indices
 from sflllm.sfl.main_server import received, server_losses
-from sflllm.sfl.messages import CutActivations, CutSpec, check_activations
+from sflllm.sfl.messages import CutActivations
 
 SEQ_LEN = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: intra-op threads cost more in synchronisation than they save
-    (badly so on a loaded machine), so run this module single-threaded and restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from sflllm.data import load_examples, partition, tokenize
 from sflllm.experiments.train import heldout_loss
@@ -21,13 +20,7 @@ ROUNDS = 10
 HYPER = dict(local_steps=5, batch_size=8, lr=2e-2, seed=0)  # 10 rounds x 5 x 3 x 8 = 1200 samples
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """A 260K-parameter model: one intra-op thread is faster than two (and robust on a loaded box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # a 260K-parameter model
 
 
 def fine_tune(model_dir, client_data, held, mode: str) -> tuple[float, float]:

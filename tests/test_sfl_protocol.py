@@ -29,12 +29,7 @@ from sflllm.sfl.client import Batch
 from test_sfl import SEQ_LEN, assert_close, client_data, global_lora, tiny_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
