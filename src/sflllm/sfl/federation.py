@@ -35,6 +35,7 @@ from torch import Tensor
 from sflllm.data import TokenizedExamples
 from sflllm.model import SplitModel, lora_parameters
 from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.batched import CLIENT_BATCHINGS, ClientBatching
 from sflllm.sfl.client import ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast
 from sflllm.sfl.messages import CutSpec
@@ -60,6 +61,9 @@ class Hyper:
     weight_decay: float = 0.0
     seed: int = 0
     server_adapter: Literal["shared", "per_client"] = "shared"
+    # execution only: the same result up to float rounding (tested)
+    client_batching: ClientBatching = "auto"
+    server_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,6 +76,11 @@ class Hyper:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Hyper.{name} must be an integer >= 1, got {value!r}")
+        if self.client_batching not in CLIENT_BATCHINGS:
+            raise ValueError(f"Hyper.client_batching must be one of {CLIENT_BATCHINGS}, got {self.client_batching!r}")
+        chunk = self.server_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"Hyper.server_chunk must be an integer >= 1 or None, got {chunk!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Hyper.seed must be an integer >= 0, got {self.seed!r}")
         for name in ("lr", "weight_decay"):
@@ -281,7 +290,8 @@ def sfl_local_iterations(fed: Federation, progress: Progress | None) -> list[flo
     losses: list[float] = []
     for i in range(fed.hyper.local_steps):
         losses += split_iteration(fed.split.client, fed.split.server, fed.clients, fed.servers,
-                                  fed.server_rng, fed.cut_spec)
+                                  fed.server_rng, fed.cut_spec, client_batching=fed.hyper.client_batching,
+                                  server_chunk=fed.hyper.server_chunk)
         _report(progress, i + 1, fed.hyper.local_steps)
     return losses
 
