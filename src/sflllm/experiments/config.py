@@ -68,6 +68,24 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: 1 for narrow models (hidden size <= 256), torch's default otherwise"
     )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+        description="auto | cpu | cuda | cuda:N | mps; auto: CUDA, then MPS, then CPU",
+    )
+    client_batching: Literal["auto", "sequential", "batched"] = Field(
+        "auto", description="run the K client passes one by one or as one batched pass (LoRA grouped per client); "
+        "auto: batched where the client part has no dropout",
+    )
+    server_chunk: int | None = Field(
+        None, ge=1, description="main server runs the K clients' activations N clients at a time (bounds its memory); "
+        "None: all K as one batch",
+    )
+
+    # numerics (part of the trajectory: a run cannot resume in another dtype)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the frozen base weights and of the cut tensors; LoRA tensors and AdamW "
+        "state stay float32",
+    )
 
     @field_validator("server_adapter")
     @classmethod
@@ -85,7 +103,10 @@ class TrainConfig(BaseModel):
 
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.
-RESUMABLE_FIELDS = frozenset({"rounds", "generate", "generate_samples", "num_beams", "max_new_tokens", "threads"})
+# ``client_batching`` and ``server_chunk`` change results by float rounding only (tested); ``device`` may
+# change so that a run saved on a GPU resumes on a CPU and the reverse (checkpoints are device-neutral).
+RESUMABLE_FIELDS = frozenset({"rounds", "generate", "generate_samples", "num_beams", "max_new_tokens", "threads",
+                              "device", "client_batching", "server_chunk"})
 
 
 def _yaml() -> YAML:

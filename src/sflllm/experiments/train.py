@@ -68,6 +68,9 @@ from sflllm.model import (
     load_pretrained,
     lora_parameters,
     max_positions,
+    model_device,
+    resolve_device,
+    resolve_dtype,
     split_model,
 )
 from sflllm.sfl import Federation, Hyper, make_federation
@@ -105,6 +108,7 @@ class _Run:
     split: SplitModel
     tokenizer: PreTrainedTokenizerBase
     federation: Federation
+    device: torch.device
     eval_tokens: TokenizedExamples
     generation_examples: list[Example]  # every reference of the first generate_samples held-out MRs
 
@@ -118,8 +122,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def placement(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device (``auto`` resolved) and base dtype the run trains in; TrainInputError naming the field."""
+    try:
+        device = resolve_device(config.device)
+    except ValueError as e:
+        raise TrainInputError(f"device: {_one_line(e)}") from None
+    return device, resolve_dtype(config.dtype)
+
+
 def load_model_and_tokenizer(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base causal LM and its tokenizer: the built-in demo pair, or ``config.model`` (hub name or dir)."""
+    """The base causal LM and its tokenizer: the built-in demo pair, or ``config.model`` (hub name or dir).
+
+    The model is in float32 on the CPU; :func:`prepare` moves it to the run's device and dtype.
+    """
     if config.model is None:
         tokenizer = build_demo_tokenizer()
         model = build_demo_model(
@@ -223,7 +239,10 @@ def partition_clients(train: Sequence[Example], config: TrainConfig) -> list[np.
 def prepare(config: TrainConfig) -> _Run:
     """Load and validate model, data, partition and the federation. Writes nothing."""
     seed_everything(config.seed)
+    device, dtype = placement(config)
     model, tokenizer = load_model_and_tokenizer(config)
+    # the frozen base in the run's dtype on its device; attach_lora keeps the LoRA tensors in float32
+    model = model.to(device=device, dtype=dtype)
     train, held = load_train_eval_examples(config)
     parts = partition_clients(train, config)
     eval_examples = select_eval_examples(held, config.eval_samples, config.seed)
@@ -264,9 +283,11 @@ def prepare(config: TrainConfig) -> _Run:
         weight_decay=config.weight_decay,
         seed=config.seed,
         server_adapter=config.server_adapter,
+        client_batching=config.client_batching,
+        server_chunk=config.server_chunk,
     )
     federation = make_federation(split, client_data, hyper)
-    return _Run(config, split, tokenizer, federation, eval_tokens, generation_examples)
+    return _Run(config, split, tokenizer, federation, device, eval_tokens, generation_examples)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -278,11 +299,11 @@ def heldout_loss(model: torch.nn.Module, tokens: TokenizedExamples, batch_size: 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     try:
         for start in range(0, len(tokens.input_ids), batch_size):
-            ids = tokens.input_ids[start : start + batch_size]
-            mask = tokens.attention_mask[start : start + batch_size]
-            labels = tokens.labels[start : start + batch_size]
+            ids, mask, labels = (t[start : start + batch_size].to(device)
+                                 for t in (tokens.input_ids, tokens.attention_mask, tokens.labels))
             batch_sum, batch_count = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
             total += float(batch_sum)
             count += int(batch_count)
@@ -472,7 +493,8 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
     if config.is_demo:
         console.print(f"[bold yellow]demo:[/] {_demo_what(config)}; {REAL_RUN_HINT}", highlight=False)
     console.print(
-        f"training {config.mode} | K={config.clients} clients, split_layer={config.split_layer}, rank={config.rank}, "
+        f"training {config.mode} on {run.device}{' (auto)' if config.device == 'auto' else ''} in {config.dtype} "
+        f"| K={config.clients} clients, split_layer={config.split_layer}, rank={config.rank}, "
         f"local_steps={config.local_steps}, rounds={config.rounds} | held-out loss before training "
         f"{metrics['initial']['heldout_loss']:.4f}",
         highlight=False,

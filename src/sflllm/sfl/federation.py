@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from sflllm.data import TokenizedExamples
-from sflllm.model import SplitModel, lora_parameters
+from sflllm.model import SplitModel, lora_parameters, model_device
 from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.batched import CLIENT_BATCHINGS, ClientBatching
 from sflllm.sfl.client import ClientState, Cursor
@@ -145,8 +145,10 @@ class Federation:
         def adapter(init: dict[str, Tensor]) -> Adapter:
             return Adapter(init, lr=hyper.lr, weight_decay=hyper.weight_decay)
 
+        device = model_device(split.full)  # every party's tensors, batches and streams follow the model
+
         def client(k: int, data, adapter_k: Adapter, batch_size: int) -> ClientState:
-            return ClientState(k, data, adapter_k, seed=hyper.seed, batch_size=batch_size)
+            return ClientState(k, data, adapter_k, seed=hyper.seed, batch_size=batch_size, device=device)
 
         mode, K = hyper.mode, self.num_clients
         if mode == "centralized":
@@ -158,7 +160,7 @@ class Federation:
             self.clients = [client(k, d, adapter(client_init), hyper.batch_size) for k, d in enumerate(client_data)]
         per_client_server = mode == "fl" or hyper.server_adapter == "per_client"
         self.servers = [adapter(server_init) for _ in range(K if per_client_server else 1)]
-        self.server_rng = PartyRng(hyper.seed, "main_server")
+        self.server_rng = PartyRng(hyper.seed, "main_server", device)
         self.cut_spec = CutSpec(
             hidden_size=int(split.full.config.hidden_size),
             dtype=split.full.dtype,  # the base model's dtype: what the client blocks emit

@@ -66,7 +66,7 @@ def client_step_forward(client_module: torch.nn.Module, client: ClientState, *,
 def recompute_forward(client_module: torch.nn.Module, lora: Mapping[str, Tensor], batch: Batch,
                       rng_state: Tensor) -> Tensor:
     """The client's forward again, with its graph, from (adapter, batch, stream state before the forward)."""
-    with replayed(rng_state), torch.enable_grad():
+    with replayed(rng_state, batch.input_ids.device), torch.enable_grad():
         return client_forward(client_module, dict(lora), batch)
 
 
