@@ -161,3 +161,47 @@ def test_attach_lora_on_a_bfloat16_base_keeps_lora_in_float32_on_its_device(stor
     input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert peft_model(input_ids=input_ids).logits.dtype == torch.bfloat16
+
+
+class FakeAccelerator:
+    """Stands in for ``torch.mps`` (no accelerator here): records the seeds its generator is given."""
+
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+        self.state = torch.tensor([7], dtype=torch.uint8)
+
+    def manual_seed(self, seed: int) -> None:
+        self.seeds.append(seed)
+        self.state = torch.tensor([seed % 256], dtype=torch.uint8)
+
+    def get_rng_state(self) -> torch.Tensor:
+        return self.state.clone()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.state = state.clone()
+
+
+def test_accelerator_streams_are_seeded_from_the_party_cpu_state(monkeypatch):
+    """On an accelerator, entering a party's stream seeds the device generator from the party's CPU state
+    (one draw): replaying the saved state gives the same seed, other parties other seeds, and the
+    device generator of the caller is restored."""
+    fake = FakeAccelerator()
+    monkeypatch.setattr(torch, "get_device_module", lambda kind: fake)
+    client0, client1 = PartyRng(5, "client.0", "mps"), PartyRng(5, "client.0", "mps")
+    before = client0.state.clone()
+    with client0.active():
+        pass
+    with client0.active():
+        pass
+    with client1.active():
+        pass
+    assert fake.seeds[0] == fake.seeds[2] != fake.seeds[1]  # same party and state: same seed; next entry: new
+    assert fake.state.tolist() == [7]  # the caller's device stream is back
+    replay = torch.Generator().set_state(before)
+    torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, generator=replay)
+    torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, generator=replay)
+    assert torch.equal(client0.state, replay.get_state())  # exactly one CPU draw per entry
+    other = PartyRng(5, "client.1", "mps")
+    with other.active():
+        pass
+    assert fake.seeds[-1] not in fake.seeds[:3]
