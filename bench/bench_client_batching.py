@@ -8,8 +8,8 @@ rank-8 LoRA on ``c_attn``, dropout 0 (batched clients need a client part that dr
 numbers, see :mod:`sflllm.sfl.batched`); synthetic token data (every position a target).  For each (l, K, b) one
 local iteration of K clients with b samples each runs as ``sfl`` with ``client_batching`` =
 ``sequential`` and ``batched``, and as ``centralized`` on the same K*b samples; after one warm-up
-iteration per mode the modes alternate ``--repeats`` times (so load on a shared machine hits them
-alike) and the minimum wall time per sample is kept.
+iteration per mode (first configuration only) the modes alternate ``--repeats`` times (so load on a
+shared machine hits them alike) and the minimum wall and CPU (process) time per sample are kept.
 
 The FLOP floor is the step's FLOP count (spec §2 ``F_c + B_c + S`` per sample, from
 :func:`sflllm.cost.profile.cost_numbers`) divided by the measured float32 (or ``--dtype``) matmul
@@ -79,7 +79,8 @@ def main() -> None:
           f"s={args.seq_len}, torch threads {torch.get_num_threads()}; matmul {throughput / 1e9:.1f} GFLOP/s; "
           f"min of {args.repeats} iterations after a warm-up, ms per sample")
     print(f"{'l':>3} {'K':>3} {'b':>3} | {'central':>8} {'sfl seq':>8} {'sfl bat':>8} | {'seq/c':>6} {'bat/c':>6} "
-          f"{'bat/seq':>7} | {'floor':>7} {'floor% c':>8} {'floor% bat':>10}")
+          f"{'bat/seq':>7} | cpu {'seq/c':>6} {'bat/c':>6} | {'floor':>7} {'floor% c':>8} {'floor% bat':>10}")
+    warm = False
     for split_layer in args.split_layers:
         split = split_model(peft_model, split_layer)
         costs = cost_numbers(profile, split_layer, 8, seq_len=args.seq_len)
@@ -93,16 +94,23 @@ def main() -> None:
                                                                  client_batching=batching))
                         for name, (mode, batching) in MODES.items()}
                 best = dict.fromkeys(feds, float("inf"))
+                cpu = dict.fromkeys(feds, float("inf"))
                 for name, fed in feds.items():
-                    fed.local_iterations()  # warm-up
+                    if not warm:
+                        fed.local_iterations()  # warm-up
+                warm = True
                 for _ in range(args.repeats):
                     for name, fed in feds.items():
-                        start = time.perf_counter()
+                        start, cpu_start = time.perf_counter(), time.process_time()
                         fed.local_iterations()
                         best[name] = min(best[name], (time.perf_counter() - start) / (k * b))
+                        cpu[name] = min(cpu[name], (time.process_time() - cpu_start) / (k * b))
                 c, seq, bat = best["centralized"], best["sfl sequential"], best["sfl batched"]
                 print(f"{split_layer:>3} {k:>3} {b:>3} | {1e3 * c:8.1f} {1e3 * seq:8.1f} {1e3 * bat:8.1f} | "
-                      f"{seq / c:6.2f} {bat / c:6.2f} {bat / seq:7.2f} | {1e3 * floor_s:7.1f} "
+                      f"{seq / c:6.2f} {bat / c:6.2f} {bat / seq:7.2f} | cpu "
+                      f"{cpu['sfl sequential'] / cpu['centralized']:6.2f} "
+                      f"{cpu['sfl batched'] / cpu['centralized']:6.2f} | "
+                      f"{1e3 * floor_s:7.1f} "
                       f"{100 * floor_s / c:7.0f}% {100 * floor_s / bat:9.0f}%", flush=True)
 
 

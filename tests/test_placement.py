@@ -13,23 +13,23 @@ from sflllm.cost.profile import activation_bits
 from sflllm.data import build_demo_tokenizer, synthetic_examples
 from sflllm.experiments.config import TrainConfig
 from sflllm.experiments.train import CLIENT_ADAPTER_FILE, METRICS_FILE, STATE_FILE, resume_train, run_train
-from sflllm.model import attach_lora, load_pretrained, lora_parameters, model_device, resolve_device, resolve_dtype, split_model
+from sflllm.model import (
+    attach_lora,
+    load_pretrained,
+    lora_parameters,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+    split_model,
+)
 from sflllm.sfl import Hyper, PartyRng, make_federation
 from tests.test_model_split import padded_batch, tiny_model, with_random_lora
-from tests.test_sfl import assert_close, client_data, global_lora, tiny_split
+from tests.test_sfl import assert_close, client_data, global_lora, single_thread, tiny_split  # noqa: F401
 from tests.test_train import TINY, _assert_clean_error, _train
 
 BF16_ATOL = 0.05  # bfloat16 keeps 8 significant bits: ~4e-3 relative per rounding, a few roundings deep
 
 NO_CUDA = not torch.cuda.is_available()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- devices
@@ -51,6 +51,13 @@ def test_absent_cuda_is_a_one_line_error(tmp_path, name):
         resolve_device(name)
     out = tmp_path / "out"
     _assert_clean_error(_train("--device", name, "--output", str(out)), "device", name, "no CUDA device")
+    assert not out.exists()
+
+
+def test_batched_clients_with_dropout_is_a_one_line_error(tmp_path):
+    out = tmp_path / "out"
+    _assert_clean_error(_train("--client-batching", "batched", "--lora-dropout", "0.1", "--output", str(out)),
+                        "client_batching='batched' needs a client part without dropout")
     assert not out.exists()
 
 

@@ -6,26 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sflllm.data import build_demo_tokenizer, synthetic_examples
+from sflllm.data import synthetic_examples
 from sflllm.model import lora_parameters
 from sflllm.sfl import CutActivations, Hyper, main_server_step, make_federation
 from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.batched import GroupedLoRA, batching_applies, draws_randomness, grouped_lora
 from sflllm.sfl.rng import PartyRng
-from tests.test_sfl import assert_close, client_data, global_lora, tiny_split
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_demo_tokenizer()
+from tests.test_sfl import (  # noqa: F401  (single_thread, tokenizer: the module's fixtures)
+    assert_close,
+    client_data,
+    global_lora,
+    single_thread,
+    tiny_split,
+    tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +86,8 @@ def test_batched_clients_need_a_client_part_without_dropout(tokenizer, examples)
     assert not batching_applies(split.client, names, "auto")
     with pytest.raises(ValueError, match="client_batching='batched' needs a client part without dropout"):
         batching_applies(split.client, names, "batched")
+    with pytest.raises(ValueError, match="client_batching='batched' needs a client part without dropout"):
+        make_federation(split, data, Hyper(client_batching="batched"))  # refused up front
     _, auto, _ = trained("gpt2", tokenizer, data, dropout=0.1, client_batching="auto")
     _, seq, _ = trained("gpt2", tokenizer, data, dropout=0.1, client_batching="sequential")
     assert_close(auto, seq, atol=0)

@@ -286,7 +286,10 @@ def prepare(config: TrainConfig) -> _Run:
         client_batching=config.client_batching,
         server_chunk=config.server_chunk,
     )
-    federation = make_federation(split, client_data, hyper)
+    try:
+        federation = make_federation(split, client_data, hyper)
+    except ValueError as e:
+        raise TrainInputError(_one_line(e)) from None
     return _Run(config, split, tokenizer, federation, device, eval_tokens, generation_examples)
 
 

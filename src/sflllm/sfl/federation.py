@@ -35,7 +35,7 @@ from torch import Tensor
 from sflllm.data import TokenizedExamples
 from sflllm.model import SplitModel, lora_parameters, model_device
 from sflllm.sfl.adapter import Adapter
-from sflllm.sfl.batched import CLIENT_BATCHINGS, ClientBatching
+from sflllm.sfl.batched import CLIENT_BATCHINGS, ClientBatching, check_batchable
 from sflllm.sfl.client import ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast
 from sflllm.sfl.messages import CutSpec
@@ -61,7 +61,9 @@ class Hyper:
     weight_decay: float = 0.0
     seed: int = 0
     server_adapter: Literal["shared", "per_client"] = "shared"
-    # execution only: the same result up to float rounding (tested)
+    # execution only, the same result up to float rounding (tested): the K client passes one by one or
+    # batched (sflllm.sfl.batched; "auto": batched where the client part draws no random numbers), and
+    # the main server's batch in chunks of server_chunk clients (None: all K at once)
     client_batching: ClientBatching = "auto"
     server_chunk: int | None = None
 
@@ -161,6 +163,8 @@ class Federation:
         per_client_server = mode == "fl" or hyper.server_adapter == "per_client"
         self.servers = [adapter(server_init) for _ in range(K if per_client_server else 1)]
         self.server_rng = PartyRng(hyper.seed, "main_server", device)
+        if mode == "sfl" and hyper.client_batching == "batched":
+            check_batchable(split.client, list(client_init))  # refused now, not in the first round
         self.cut_spec = CutSpec(
             hidden_size=int(split.full.config.hidden_size),
             dtype=split.full.dtype,  # the base model's dtype: what the client blocks emit

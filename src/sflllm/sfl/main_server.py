@@ -73,7 +73,10 @@ def serve_shared(server_module: torch.nn.Module, adapter: Adapter, cuts: Sequenc
         grads = torch.autograd.grad(torch.stack(part_losses).sum(), [*activations, *adapter.tensors.values()])
         activation_grads += grads[: len(part)]
         summed = grads[len(part) :]
-        adapter_grads = list(summed) if adapter_grads is None else [a + g for a, g in zip(adapter_grads, summed, strict=True)]
+        if adapter_grads is None:
+            adapter_grads = list(summed)
+        else:
+            adapter_grads = [a + g for a, g in zip(adapter_grads, summed, strict=True)]
         losses += [loss.detach() for loss in part_losses]
     adapter.set_gradients({n: g / num_clients for n, g in zip(adapter.tensors, adapter_grads, strict=True)})
     adapter.step()
