@@ -105,9 +105,9 @@ def test_main_server_receives_only_cut_payloads(tokenizer, data, monkeypatch):
     for name in ("serve_shared", "serve_per_client"):
         real = getattr(protocol, name)
 
-        def spy(module, adapters, cuts, real=real):
+        def spy(module, adapters, cuts, real=real, **kwargs):
             seen.extend(cuts)
-            return real(module, adapters, cuts)
+            return real(module, adapters, cuts, **kwargs)
 
         monkeypatch.setattr(protocol, name, spy)
     for server_adapter in ("shared", "per_client"):

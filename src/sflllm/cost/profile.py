@@ -233,6 +233,19 @@ class CostNumbers:
         return {key: float(value) for key, value in vars(self).items()}
 
 
+DTYPE_BITS: dict[str, int] = {"float32": 32, "bfloat16": 16, "float16": 16}
+"""Bits per element of each training dtype (``TrainConfig.dtype``): what a cut tensor costs on the link."""
+
+
+def activation_bits(dtype: str) -> int:
+    """q_act of spec §2 for cut tensors of ``dtype`` (``float32`` 32, ``bfloat16``/``float16`` 16): the
+    delay model's default where a scenario does not fix ``act_bits``.  ValueError for other names."""
+    try:
+        return DTYPE_BITS[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BITS)}, got {dtype!r}") from None
+
+
 def cost_numbers(profile: ModelProfile, split_layer: Any, rank: Any, *, seq_len: int, act_bits: int = 32,
                  token_bits: int = 32, weight_bits: int = 32) -> CostNumbers:
     """Spec §2: F_c, B_c, S, A, Y, G, Lam for split layer l and rank r (per sample of ``seq_len`` tokens)."""

@@ -97,6 +97,24 @@ class TrainConfig(BaseModel):
     engine: Literal["local", "flower-sim"] = Field(
         "local", description="local: one process; flower-sim: Flower's Simulation Engine (mode sfl; the flower extra)"
     )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+        description="auto | cpu | cuda | cuda:N | mps; auto: CUDA, then MPS, then CPU",
+    )
+    client_batching: Literal["auto", "sequential", "batched"] = Field(
+        "auto", description="run the K client passes one by one or as one batched pass (LoRA grouped per client); "
+        "auto: batched where the client part has no dropout",
+    )
+    server_chunk: int | None = Field(
+        None, ge=1, description="main server runs the K clients' activations N clients at a time (bounds its memory); "
+        "None: all K as one batch",
+    )
+
+    # numerics (part of the trajectory: a run cannot resume in another dtype)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the frozen base weights and of the cut tensors; LoRA tensors and AdamW "
+        "state stay float32",
+    )
 
     @field_validator("seq_len", mode="wrap")
     @classmethod
@@ -138,8 +156,10 @@ SFL_ONLY = {"server_adapter": "per_client", "engine": "flower-sim"}
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.
 RESUMABLE_FIELDS = frozenset(
     {"rounds", "generate", "generate_samples", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
-     "threads", "engine"}
+     "threads", "engine", "device", "client_batching", "server_chunk"}
 )
+# ``client_batching`` and ``server_chunk`` change results by float rounding only (tested); ``device`` may
+# change so that a run saved on a GPU resumes on a CPU and the reverse (checkpoints are device-neutral).
 
 # Fields that change the trajectory but may still change on ``--resume``, deliberately: a run that
 # diverged continues from its last good checkpoint with a lower ``lr``. The resumed run is then no

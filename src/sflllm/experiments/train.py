@@ -85,6 +85,9 @@ from sflllm.model import (
     lora_parameters,
     max_positions,
     smallest_target_dimension,
+    model_device,
+    resolve_device,
+    resolve_dtype,
     split_model,
 )
 from sflllm.sfl import ClientState, Federation, Hyper, RoundEngine, make_federation
@@ -132,6 +135,7 @@ class _Run:
     split: SplitModel
     tokenizer: PreTrainedTokenizerBase
     federation: RoundEngine
+    device: torch.device
     eval_tokens: TokenizedExamples
     generation_examples: list[Example]  # every reference of the first generate_samples held-out MRs
 
@@ -145,8 +149,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def placement(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device (``auto`` resolved) and base dtype the run trains in; TrainInputError naming the field."""
+    try:
+        device = resolve_device(config.device)
+    except ValueError as e:
+        raise TrainInputError(f"device: {_one_line(e)}") from None
+    return device, resolve_dtype(config.dtype)
+
+
 def load_model_and_tokenizer(config: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base causal LM and its tokenizer: the built-in demo pair, or ``config.model`` (hub name or dir)."""
+    """The base causal LM and its tokenizer: the built-in demo pair, or ``config.model`` (hub name or dir).
+
+    The model is in float32 on the CPU; :func:`prepare` moves it to the run's device and dtype.
+    """
     if config.model is None:
         tokenizer = build_demo_tokenizer()
         model = build_demo_model(
@@ -286,7 +302,10 @@ def check_sizes(config: TrainConfig, model: PreTrainedModel, seq_len: int, examp
 def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
     """Load and validate model, data, partition, sizes and the federation. Writes nothing."""
     seed_everything(config.seed)
+    device, dtype = placement(config)
     model, tokenizer = load_model_and_tokenizer(config)
+    # the frozen base in the run's dtype on its device; attach_lora keeps the LoRA tensors in float32
+    model = model.to(device=device, dtype=dtype)
     train, held = load_train_eval_examples(config)
     parts = partition_clients(train, config)
     eval_examples = select_eval_examples(held, config.eval_samples, config.seed)
@@ -328,10 +347,15 @@ def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
         seed=config.seed,
         server_adapter=config.server_adapter,
         act_bits=config.act_bits,
+        client_batching=config.client_batching,
+        server_chunk=config.server_chunk,
     )
-    federation = make_federation(split, client_data, hyper)
+    try:
+        federation = make_federation(split, client_data, hyper)
+    except ValueError as e:
+        raise TrainInputError(_one_line(e)) from None
     engine = flower_simulation(config, federation) if config.engine == "flower-sim" else federation
-    return _Run(config, seq_len, split, tokenizer, engine, eval_tokens, generation_examples)
+    return _Run(config, seq_len, split, tokenizer, engine, device, eval_tokens, generation_examples)
 
 
 FLOWER_HINT = 'pip install "sflllm[flower]"'
@@ -373,11 +397,11 @@ def heldout_loss(model: torch.nn.Module, tokens: TokenizedExamples, batch_size: 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     try:
         for start in range(0, len(tokens.input_ids), batch_size):
-            ids = tokens.input_ids[start : start + batch_size]
-            mask = tokens.attention_mask[start : start + batch_size]
-            labels = tokens.labels[start : start + batch_size]
+            ids, mask, labels = (t[start : start + batch_size].to(device)
+                                 for t in (tokens.input_ids, tokens.attention_mask, tokens.labels))
             batch_sum, batch_count = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
             total += float(batch_sum)
             count += int(batch_count)
@@ -584,7 +608,8 @@ def _train_rounds(out: Path, run: _Run, metrics: dict[str, Any], console: Consol
         console.print(f"[bold yellow]demo:[/] {_demo_what(config)}; {REAL_RUN_HINT}", highlight=False)
     auto = " (auto: the longest training example, at most the model's positions)" if config.seq_len == "auto" else ""
     console.print(
-        f"training {config.mode} | K={config.clients} clients, split_layer={config.split_layer}, rank={config.rank}, "
+        f"training {config.mode} on {run.device}{' (auto)' if config.device == 'auto' else ''} in {config.dtype} "
+        f"| K={config.clients} clients, split_layer={config.split_layer}, rank={config.rank}, "
         f"local_steps={config.local_steps}, rounds={config.rounds}, seq_len={run.seq_len}{auto} | "
         f"held-out loss before training {metrics['initial']['heldout_loss']:.4f}",
         highlight=False,

@@ -6,6 +6,14 @@ The protocol's steps (:mod:`sflllm.sfl.protocol`) exchange only the typed cut pa
 """
 
 from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.batched import (
+    CLIENT_BATCHINGS,
+    ClientBatching,
+    GroupedLoRA,
+    batched_backward,
+    batched_forward,
+    batching_applies,
+)
 from sflllm.sfl.client import Batch, ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast, fedavg
 from sflllm.sfl.federation import LOCAL_ITERATIONS, Federation, Hyper, RoundEngine, make_federation
@@ -24,20 +32,26 @@ from sflllm.sfl.rng import PartyRng, party_seed
 
 __all__ = [
     "ACT_BITS",
+    "CLIENT_BATCHINGS",
     "LOCAL_ITERATIONS",
     "Adapter",
     "Batch",
+    "ClientBatching",
     "ClientState",
     "Cursor",
     "CutActivations",
     "CutGradients",
     "CutSpec",
     "Federation",
+    "GroupedLoRA",
     "Hyper",
     "PartyRng",
     "PendingBackward",
     "RoundEngine",
     "aggregate_and_broadcast",
+    "batched_backward",
+    "batched_forward",
+    "batching_applies",
     "check_activations",
     "check_gradients",
     "client_step_backward",

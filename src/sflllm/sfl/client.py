@@ -74,17 +74,20 @@ class ClientState:
     """What one client holds: its adapter (LoRA tensors + AdamW), its data cursor and its random stream.
 
     ``data`` is the client's ``TokenizedExamples`` (``input_ids``/``attention_mask``/``labels``,
-    shape (D_k, s)); it is shared, read-only, with the caller.
+    shape (D_k, s)); it is shared, read-only, with the caller, and stays where it is: each batch is
+    moved to ``device`` (the model's), where the client's random stream also draws.
     """
 
-    def __init__(self, index: int, data: TokenizedExamples, adapter: Adapter, *, seed: int, batch_size: int) -> None:
+    def __init__(self, index: int, data: TokenizedExamples, adapter: Adapter, *, seed: int, batch_size: int,
+                 device: torch.device | str | None = None) -> None:
         self.index = index
+        self.device = torch.device("cpu" if device is None else device)
         self.adapter = adapter
         self.cursor = Cursor()
         self._seed = seed
         self._batch_size = batch_size
         self._data = data
-        self.rng = PartyRng(seed, f"client.{index}")
+        self.rng = PartyRng(seed, f"client.{index}", self.device)
 
     @property
     def num_examples(self) -> int:
@@ -95,8 +98,9 @@ class ClientState:
         """The batch that starts at ``cursor``, and the cursor after it."""
         rows, after = next_indices(self.num_examples, self._batch_size, self._seed, self.index, cursor)
         index = torch.from_numpy(rows)
-        data = self._data
-        return Batch(data.input_ids[index], data.attention_mask[index], data.labels[index]), after
+        data, device = self._data, self.device
+        rows_of = [t[index].to(device) for t in (data.input_ids, data.attention_mask, data.labels)]
+        return Batch(*rows_of), after
 
     def next_batch(self) -> Batch:
         """The batch at the cursor; advances the cursor."""

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from sflllm.data import TokenizedExamples
-from sflllm.model import SplitModel, lora_parameters
+from sflllm.model import SplitModel, lora_parameters, model_device
 from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.batched import CLIENT_BATCHINGS, ClientBatching, check_batchable
 from sflllm.sfl.client import ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast
 from sflllm.sfl.messages import CutSpec
@@ -63,6 +64,11 @@ class Hyper:
     seed: int = 0
     server_adapter: Literal["shared", "per_client"] = "shared"
     act_bits: int = 32  # q_act: precision of activations and their gradients at the cut (sfl.precision)
+    # execution only, the same result up to float rounding (tested): the K client passes one by one or
+    # batched (sflllm.sfl.batched; "auto": batched where the client part draws no random numbers), and
+    # the main server's batch in chunks of server_chunk clients (None: all K at once)
+    client_batching: ClientBatching = "auto"
+    server_chunk: int | None = None
 
     def __post_init__(self) -> None:
         check_act_bits(self.act_bits)
@@ -76,6 +82,11 @@ class Hyper:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Hyper.{name} must be an integer >= 1, got {value!r}")
+        if self.client_batching not in CLIENT_BATCHINGS:
+            raise ValueError(f"Hyper.client_batching must be one of {CLIENT_BATCHINGS}, got {self.client_batching!r}")
+        chunk = self.server_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"Hyper.server_chunk must be an integer >= 1 or None, got {chunk!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Hyper.seed must be an integer >= 0, got {self.seed!r}")
         for name in ("lr", "weight_decay"):
@@ -157,8 +168,10 @@ class Federation:
         def adapter(init: dict[str, Tensor]) -> Adapter:
             return Adapter(init, lr=hyper.lr, weight_decay=hyper.weight_decay)
 
+        device = model_device(split.full)  # every party's tensors, batches and streams follow the model
+
         def client(k: int, data, adapter_k: Adapter, batch_size: int) -> ClientState:
-            return ClientState(k, data, adapter_k, seed=hyper.seed, batch_size=batch_size)
+            return ClientState(k, data, adapter_k, seed=hyper.seed, batch_size=batch_size, device=device)
 
         mode, K = hyper.mode, self.num_clients
         if mode == "centralized":
@@ -170,7 +183,9 @@ class Federation:
             self.clients = [client(k, d, adapter(client_init), hyper.batch_size) for k, d in enumerate(client_data)]
         per_client_server = mode == "fl" or hyper.server_adapter == "per_client"
         self.servers = [adapter(server_init) for _ in range(K if per_client_server else 1)]
-        self.server_rng = PartyRng(hyper.seed, "main_server")
+        self.server_rng = PartyRng(hyper.seed, "main_server", device)
+        if mode == "sfl" and hyper.client_batching == "batched":
+            check_batchable(split.client, list(client_init))  # refused now, not in the first round
         self.cut_spec = CutSpec(
             hidden_size=int(split.full.config.hidden_size),
             dtype=split.full.dtype,  # the base model's dtype: what the client blocks emit
@@ -282,7 +297,8 @@ def sfl_local_iterations(fed: Federation, progress: Progress | None) -> list[flo
     losses: list[float] = []
     for i in range(fed.hyper.local_steps):
         losses += split_iteration(fed.split.client, fed.split.server, fed.clients, fed.servers,
-                                  fed.server_rng, fed.cut_spec)
+                                  fed.server_rng, fed.cut_spec, client_batching=fed.hyper.client_batching,
+                                  server_chunk=fed.hyper.server_chunk)
         _report(progress, i + 1, fed.hyper.local_steps)
     return losses
 

@@ -46,23 +46,41 @@ def server_losses(server_module: torch.nn.Module, lora: dict[str, Tensor], activ
     return [lm_loss(part, c.labels) for part, c in zip(torch.split(logits, sizes), cuts, strict=True)]
 
 
-def serve_shared(server_module: torch.nn.Module, adapter: Adapter,
-                 cuts: Sequence[CutActivations]) -> tuple[list[float], list[Tensor]]:
+def serve_shared(server_module: torch.nn.Module, adapter: Adapter, cuts: Sequence[CutActivations], *,
+                 server_chunk: int | None = None) -> tuple[list[float], list[Tensor]]:
     """One MS iteration with the single shared server adapter.
 
     Returns the K losses and the K activation gradients d loss_k / d activations_k.  The adapter
     takes one AdamW step on d (1/K sum_k loss_k) / d W_server.
+
+    ``server_chunk`` = N runs the K clients' activations in chunks of N clients (None: all K as one
+    batch), accumulating the adapter's gradient over the chunks: the same gradients up to float
+    rounding (tested), while the server's graph and logits exist for N clients at a time, so its
+    peak memory no longer grows with K.  With dropout in the server blocks the masks are drawn per
+    chunk, so they differ from one batch's (same distribution, same stream).
     """
-    names = list(adapter.tensors)
-    activations = received(cuts)
-    losses = server_losses(server_module, adapter.tensors, activations, cuts)
-    grads = torch.autograd.grad(
-        torch.stack(losses).sum(), [*activations, *adapter.tensors.values()]
-    )
-    num_clients = len(activations)
-    adapter.set_gradients({n: g / num_clients for n, g in zip(names, grads[num_clients:], strict=True)})
+    num_clients = len(cuts)
+    chunk = num_clients if server_chunk is None else server_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"server_chunk must be an integer >= 1 or None, got {server_chunk!r}")
+    losses: list[Tensor] = []
+    activation_grads: list[Tensor] = []
+    adapter_grads: list[Tensor] | None = None
+    for start in range(0, num_clients, chunk):
+        part = cuts[start : start + chunk]
+        activations = received(part)
+        part_losses = server_losses(server_module, adapter.tensors, activations, part)
+        grads = torch.autograd.grad(torch.stack(part_losses).sum(), [*activations, *adapter.tensors.values()])
+        activation_grads += grads[: len(part)]
+        summed = grads[len(part) :]
+        if adapter_grads is None:
+            adapter_grads = list(summed)
+        else:
+            adapter_grads = [a + g for a, g in zip(adapter_grads, summed, strict=True)]
+        losses += [loss.detach() for loss in part_losses]
+    adapter.set_gradients({n: g / num_clients for n, g in zip(adapter.tensors, adapter_grads, strict=True)})
     adapter.step()
-    return [loss.item() for loss in losses], list(grads[:num_clients])
+    return [loss.item() for loss in losses], activation_grads
 
 
 def serve_per_client(server_module: torch.nn.Module, adapters: Sequence[Adapter],

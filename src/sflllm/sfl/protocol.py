@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from sflllm.model import lm_loss
 from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.batched import ClientBatching, batched_backward, batched_forward, batching_applies
 from sflllm.sfl.client import Batch, ClientState, client_forward
 from sflllm.sfl.federated_server import aggregate_and_broadcast
 from sflllm.sfl.main_server import serve_per_client, serve_shared
@@ -67,7 +68,7 @@ def client_step_forward(client_module: torch.nn.Module, client: ClientState, *,
 def recompute_forward(client_module: torch.nn.Module, lora: Mapping[str, Tensor], batch: Batch,
                       rng_state: Tensor) -> Tensor:
     """The client's forward again, with its graph, from (adapter, batch, stream state before the forward)."""
-    with replayed(rng_state), torch.enable_grad():
+    with replayed(rng_state, batch.input_ids.device), torch.enable_grad():
         return client_forward(client_module, dict(lora), batch)
 
 
@@ -83,12 +84,14 @@ def client_step_backward(client_module: torch.nn.Module, adapter: Adapter, pendi
 
 
 def main_server_step(server_module: torch.nn.Module, adapters: Sequence[Adapter], rng: PartyRng,
-                     cuts: Sequence[CutActivations], spec: CutSpec) -> tuple[list[float], list[CutGradients]]:
+                     cuts: Sequence[CutActivations], spec: CutSpec, *,
+                     server_chunk: int | None = None) -> tuple[list[float], list[CutGradients]]:
     """The main server's iteration over the K clients' payloads (in client order), on its own stream.
 
-    With one adapter it is shared (one AdamW step on the mean loss); with K, adapter k serves client
-    k.  Returns the K losses and the K gradient payloads.  Each payload is validated first, so a
-    malformed one changes nothing.
+    With one adapter it is shared (one AdamW step on the mean loss; ``server_chunk`` = N runs it N
+    clients at a time, see :func:`~sflllm.sfl.main_server.serve_shared`); with K, adapter k serves
+    client k (one client at a time).  Returns the K losses and the K gradient payloads.  Each payload
+    is validated first, so a malformed one changes nothing.
     """
     for k, cut in enumerate(cuts):
         check_activations(cut, spec, sender=f"client {k}")
@@ -96,17 +99,30 @@ def main_server_step(server_module: torch.nn.Module, adapters: Sequence[Adapter]
         raise ValueError(f"main server has {len(adapters)} server adapters for {len(cuts)} clients")
     with rng.active():
         if len(adapters) == 1:
-            losses, grads = serve_shared(server_module, adapters[0], cuts)
+            losses, grads = serve_shared(server_module, adapters[0], cuts, server_chunk=server_chunk)
         else:
             losses, grads = serve_per_client(server_module, adapters, cuts)
     return losses, [CutGradients(quantize_cut(g, spec.act_bits)) for g in grads]
 
 
 def split_iteration(client_module: torch.nn.Module, server_module: torch.nn.Module, clients: Sequence[ClientState],
-                    servers: Sequence[Adapter], server_rng: PartyRng, spec: CutSpec) -> list[float]:
-    """One synchronous local iteration over the cut, in one process (spec §1): forward, MS step, backward."""
+                    servers: Sequence[Adapter], server_rng: PartyRng, spec: CutSpec, *,
+                    client_batching: ClientBatching = "sequential", server_chunk: int | None = None) -> list[float]:
+    """One synchronous local iteration over the cut, in one process (spec §1): forward, MS step, backward.
+
+    ``client_batching`` runs the K client forwards and backwards one by one (``"sequential"``) or as one
+    batched computation (``"batched"``, :mod:`sflllm.sfl.batched`; ``"auto"``: batched where the client
+    part draws no random numbers); ``server_chunk`` bounds the main server's batch (:func:`main_server_step`).
+    """
+    names = list(clients[0].adapter.tensors)
+    if len(clients) > 1 and batching_applies(client_module, names, client_batching):
+        hidden, cuts = batched_forward(client_module, clients, act_bits=spec.act_bits)
+        losses, grads = main_server_step(server_module, servers, server_rng, cuts, spec, server_chunk=server_chunk)
+        batched_backward(hidden, clients, grads)
+        return losses
     forwards = [client_step_forward(client_module, client, act_bits=spec.act_bits) for client in clients]
-    losses, grads = main_server_step(server_module, servers, server_rng, [cut for _, cut in forwards], spec)
+    losses, grads = main_server_step(server_module, servers, server_rng, [cut for _, cut in forwards], spec,
+                                     server_chunk=server_chunk)
     for client, (pending, _), grad in zip(clients, forwards, grads, strict=True):
         client_step_backward(client_module, client.adapter, pending, grad)
     return losses
