@@ -45,6 +45,14 @@ def heavy_modules_imported(*cli_args: str) -> list[str]:
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in offline word-level demo tokenizer."""
+    from sflllm.data import build_demo_tokenizer
+
+    return build_demo_tokenizer()
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny models: one torch intra-op thread is faster than two (intra-op threads cost more in

@@ -23,9 +23,11 @@ from sflllm.model import (
     split_model,
 )
 from sflllm.sfl import Hyper, PartyRng, make_federation
-from tests.test_model_split import padded_batch, tiny_model, with_random_lora
-from tests.test_sfl import assert_close, client_data, global_lora, single_thread, tiny_split  # noqa: F401
-from tests.test_train import TINY, _assert_clean_error, _train
+from test_model_split import padded_batch, tiny_model, with_random_lora
+from test_sfl import assert_close, client_data, global_lora, tiny_split
+from test_train import TINY, _assert_clean_error, _train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 BF16_ATOL = 0.05  # bfloat16 keeps 8 significant bits: ~4e-3 relative per rounding, a few roundings deep
 

@@ -49,14 +49,15 @@ def test_unsupported_precisions_are_errors(bits):
         Hyper(act_bits=bits)
 
 
-def _demo_federation(act_bits: int | None):
+def _demo_federation(act_bits: int | None, client_batching: str = "auto"):
     tokenizer = build_demo_tokenizer()
     model = build_demo_model(len(tokenizer), seed=0, num_layers=3, hidden_size=32, num_heads=2)
     split = split_model(attach_lora(model, rank=4, alpha=8, dropout=0.0, seed=1), 1)
     examples = synthetic_examples(24, seed=2)
     data = [tokenize(examples[:12], tokenizer, 96), tokenize(examples[12:], tokenizer, 96)]
     kw = {} if act_bits is None else {"act_bits": act_bits}
-    return make_federation(split, data, Hyper(local_steps=2, batch_size=3, lr=1e-2, seed=0, **kw))
+    return make_federation(split, data, Hyper(local_steps=2, batch_size=3, lr=1e-2, seed=0,
+                                              client_batching=client_batching, **kw))
 
 
 def _trained_state(act_bits: int | None) -> dict[str, torch.Tensor]:
@@ -83,7 +84,7 @@ def test_the_cut_tensors_in_both_directions_are_quantised(monkeypatch, bits):
         return out
 
     monkeypatch.setattr(protocol_mod, "quantize_cut", spy)
-    federation = _demo_federation(bits)
+    federation = _demo_federation(bits, client_batching="sequential")  # one payload per client
     federation.run_round(0)
     # per local iteration: K activations up, then K activation gradients down
     K, steps = 2, 2
@@ -100,6 +101,17 @@ def test_the_cut_tensors_in_both_directions_are_quantised(monkeypatch, bits):
         reference.run_round(0)
         lora = [n for n in state if n.startswith("client.0")]
         assert any(not torch.equal(state[n], reference.state_dict()[n]) for n in lora)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_batched_clients_send_the_same_quantised_cut_as_sequential_ones(bits):
+    sequential, batched = _demo_federation(bits, "sequential"), _demo_federation(bits, "batched")
+    for r in range(2):
+        sequential.run_round(r)
+        batched.run_round(r)
+    reference, state = sequential.state_dict(), batched.state_dict()
+    for name in reference:
+        torch.testing.assert_close(state[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 INT8_TOLERANCE = 0.02  # nats/token: 8-bit cut vs 32-bit cut, held-out loss after 4 rounds (measured: see test)

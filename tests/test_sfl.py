@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sflllm.data import build_demo_tokenizer, synthetic_examples, tokenize
+from sflllm.data import synthetic_examples, tokenize
 from sflllm.model import attach_lora, build_demo_model, lora_parameters, split_model
 from sflllm.sfl import Federation, Hyper, fedavg, make_federation
 from sflllm.sfl.client import Cursor, epoch_order, next_indices
@@ -23,11 +23,6 @@ SEQ_LEN = 96
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_demo_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,9 @@ from sflllm.sfl import CutActivations, Hyper, main_server_step, make_federation
 from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.batched import GroupedLoRA, batching_applies, draws_randomness, grouped_lora
 from sflllm.sfl.rng import PartyRng
-from tests.test_sfl import (  # noqa: F401  (single_thread, tokenizer: the module's fixtures)
-    assert_close,
-    client_data,
-    global_lora,
-    single_thread,
-    tiny_split,
-    tokenizer,
-)
+from test_sfl import assert_close, client_data, global_lora, tiny_split
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

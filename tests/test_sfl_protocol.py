@@ -11,7 +11,7 @@ import torch
 
 import sflllm.sfl.main_server as main_server
 import sflllm.sfl.protocol as protocol
-from sflllm.data import build_demo_tokenizer, synthetic_examples
+from sflllm.data import synthetic_examples
 from sflllm.sfl import (
     CutActivations,
     CutGradients,
@@ -30,11 +30,6 @@ from test_sfl import SEQ_LEN, assert_close, client_data, global_lora, tiny_split
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_demo_tokenizer()
 
 
 @pytest.fixture(scope="module")
