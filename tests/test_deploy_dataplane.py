@@ -1,0 +1,270 @@
+"""The gRPC data plane (sflllm.deploy): TLS + token, rounds equal to the in-process engine, malformed
+payloads refused while the server keeps serving, a client that stops responding dropped from its round.
+
+Everything listens on 127.0.0.1 on a port the OS picks (port 0); every server is stopped in a
+fixture/``finally``.  Clients run in threads of this process (the parties share torch's global RNG,
+so they compute under one lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+grpc = pytest.importorskip("grpc", reason="grpcio comes with the flower extra (pip install 'sflllm[flower]')")
+pytest.importorskip("cryptography", reason="cryptography comes with the flower extra")
+
+from sflllm.data import build_demo_tokenizer, synthetic_examples  # noqa: E402
+from sflllm.deploy import (  # noqa: E402
+    DataPlaneClient,
+    DataPlaneError,
+    MainServerPlane,
+    activation_limit,
+    broadcast_average,
+    encode_activations,
+    federated_round,
+    self_signed_certificate,
+    serve,
+)
+from sflllm.deploy.dataplane import CLIENT_KEY, EXCHANGE, ITERATION_KEY, ROUND_KEY, TOKEN_KEY, encode  # noqa: E402
+from sflllm.sfl import Hyper, client_step_forward, make_federation, split_iteration  # noqa: E402
+from sflllm.sfl.federation import training  # noqa: E402
+from test_sfl import client_data, tiny_split  # noqa: E402
+
+TOKEN = "run-token-4f2a"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tls():
+    return self_signed_certificate(("localhost", "127.0.0.1"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_demo_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    return client_data(synthetic_examples(40, seed=3), tokenizer, [7, 9, 8])
+
+
+def federation(tokenizer, data, **hyper):
+    split = tiny_split("gpt2", len(tokenizer), dropout=0.2)
+    return make_federation(split, data, Hyper(local_steps=2, lr=1e-2, seed=4, **hyper))
+
+
+@contextmanager
+def main_server(fed, tls, lock=None, client_timeout=30.0):
+    plane = MainServerPlane(fed.split.server, fed.servers, fed.server_rng, fed.cut_spec, TOKEN,
+                            client_timeout=client_timeout, compute_lock=lock)
+    server, port = serve(plane, "127.0.0.1:0", tls[0], tls[1])
+    try:
+        yield plane, f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait(10)
+
+
+@contextmanager
+def data_plane_clients(address, tls, fed, tokens=None):
+    planes = [DataPlaneClient(address, tls[0], TOKEN if tokens is None else tokens[k], k, fed.cut_spec, timeout=60)
+              for k in range(fed.num_clients)]
+    try:
+        yield planes
+    finally:
+        for plane in planes:
+            plane.close()
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+# ------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("server_adapter", ["shared", "per_client"])
+def test_rounds_over_the_data_plane_equal_the_in_process_engine(server_adapter, tokenizer, data, tls):
+    """Dropout 0.2, 3 clients, 2 rounds of 2 iterations: adapters, AdamW moments, cursors and every
+    party's RNG state equal the in-process Federation's bit for bit; the losses match."""
+    reference = federation(tokenizer, data, server_adapter=server_adapter)
+    expected = [reference.run_round(r) for r in range(2)]
+    fed = federation(tokenizer, data, server_adapter=server_adapter)
+    lock = threading.Lock()
+    with main_server(fed, tls, lock) as (plane, address), data_plane_clients(address, tls, fed) as planes:
+        got = [federated_round(fed, plane, planes, r, compute_lock=lock) for r in range(2)]
+    assert_same_state(fed, reference)
+    for g, e in zip(got, expected, strict=True):
+        assert g["dropped"] == {}
+        assert g["samples"] == e["samples"] and g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-12)
+
+
+# ------------------------------------------------------------------------- authentication
+def one_exchange(plane, fed, client_plane, iteration=0):
+    """Open a one-client, one-iteration round and run client 0's forward and exchange."""
+    plane.begin_round(iteration, [0], 1)
+    with training(fed.split.full):
+        _, cut = client_step_forward(fed.split.client, fed.clients[0])
+    grads = client_plane.exchange(cut, iteration, 0)
+    plane.end_round()
+    return cut, grads
+
+
+@pytest.mark.parametrize("token", ["", "not-the-token", TOKEN + "x"])
+def test_a_wrong_or_missing_token_is_refused_and_the_server_keeps_serving(token, tokenizer, data, tls, caplog):
+    fed = federation(tokenizer, data)
+    with main_server(fed, tls) as (plane, address), \
+            data_plane_clients(address, tls, fed, tokens=[token, TOKEN, TOKEN]) as planes:
+        good = DataPlaneClient(address, tls[0], TOKEN, 0, fed.cut_spec, timeout=60)
+        try:
+            with caplog.at_level(logging.WARNING, logger="sflllm.deploy"), \
+                    pytest.raises(DataPlaneError, match="missing or wrong data-plane token") as refused:
+                one_exchange(plane, fed, planes[0])
+            assert refused.value.code == "UNAUTHENTICATED"
+            assert "UNAUTHENTICATED" in caplog.text
+            cut, grads = one_exchange(plane, fed, good, iteration=1)
+        finally:
+            good.close()
+    assert grads.grad.shape == cut.hidden.shape and grads.grad.dtype == cut.hidden.dtype
+    assert float(grads.grad.abs().sum()) > 0
+
+
+def test_tls_is_required_and_checked(tokenizer, data, tls):
+    """A plaintext client gets no answer, and neither does one that trusts another certificate."""
+    fed = federation(tokenizer, data)
+    other_ca, _ = self_signed_certificate(("127.0.0.1",))
+    with main_server(fed, tls) as (plane, address):
+        plane.begin_round(0, [0], 1)
+        with training(fed.split.full):
+            _, cut = client_step_forward(fed.split.client, fed.clients[0])
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as plain:
+            channel.unary_unary(EXCHANGE)(encode_activations(cut), timeout=10,
+                                          metadata=((TOKEN_KEY, TOKEN), (CLIENT_KEY, "0"), (ROUND_KEY, "0"),
+                                                    (ITERATION_KEY, "0")))
+        assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+        untrusting = DataPlaneClient(address, other_ca, TOKEN, 0, fed.cut_spec, timeout=10)
+        try:
+            with pytest.raises(DataPlaneError) as refused:
+                untrusting.exchange(cut, 0, 0)
+        finally:
+            untrusting.close()
+        assert refused.value.code == "UNAVAILABLE"
+
+
+# ------------------------------------------------------------------------- malformed payloads
+def malformed(cut):
+    """name -> (request bytes, expected status, message pattern)."""
+    b, s, d = cut.hidden.shape
+    valid = encode_activations(cut)
+    fields = {"hidden": cut.hidden, "attention_mask": cut.attention_mask, "labels": cut.labels}
+    return {
+        "wrong dtype": (encode(fields | {"hidden": cut.hidden.half()}), "INVALID_ARGUMENT",
+                        r"hidden has \(4, 96, 32\) torch\.float16"),
+        "wrong shape": (encode(fields | {"hidden": cut.hidden[:, :, : d // 2]}), "INVALID_ARGUMENT",
+                        r"hidden has \(4, 96, 16\)"),
+        "labels shape": (encode(fields | {"labels": cut.labels[:, :-1]}), "INVALID_ARGUMENT",
+                         r"labels has \(4, 95\)"),
+        "missing field": (encode({"hidden": cut.hidden, "labels": cut.labels}), "INVALID_ARGUMENT",
+                          r"fields \['hidden', 'labels'\], expected"),
+        "truncated": (valid[:-10], "INVALID_ARGUMENT", "not a valid safetensors payload"),
+        "garbage": (b"\x00\x01not a tensor", "INVALID_ARGUMENT", "not a valid safetensors payload"),
+        "10x size": (valid * 10, "RESOURCE_EXHAUSTED", "larger than max"),
+    }
+
+
+def test_malformed_payloads_are_refused_and_the_server_keeps_serving(tokenizer, data, tls, caplog):
+    """Each malformed message gets a clear error status (logged at the server), changes nothing, and
+    a valid exchange afterwards is served."""
+    fed = federation(tokenizer, data)
+    before = fed.state_dict()
+    metadata = ((TOKEN_KEY, TOKEN), (CLIENT_KEY, "0"), (ROUND_KEY, "0"), (ITERATION_KEY, "0"))
+    with main_server(fed, tls) as (plane, address):
+        plane.begin_round(0, [0], 1)
+        with training(fed.split.full):
+            _, cut = client_step_forward(fed.split.client, fed.clients[0])
+        cases = malformed(cut)
+        assert len(cases["10x size"][0]) > 9 * activation_limit(fed.cut_spec)
+        credentials = grpc.ssl_channel_credentials(tls[0])
+        with grpc.secure_channel(address, credentials, [("grpc.max_send_message_length", -1)]) as channel:
+            call = channel.unary_unary(EXCHANGE)
+            for name, (request, code, pattern) in cases.items():
+                with caplog.at_level(logging.WARNING, logger="sflllm.deploy"), \
+                        pytest.raises(grpc.RpcError) as refused:
+                    call(request, timeout=30, metadata=metadata)
+                assert refused.value.code().name == code, name
+                assert re.search(pattern, refused.value.details()), (name, refused.value.details())
+                if code == "INVALID_ARGUMENT":
+                    assert refused.value.details() in caplog.text, name
+            # the server state is untouched and it still serves the valid payload
+            after = fed.state_dict()
+            assert all(torch.equal(before[n], after[n]) for n in before if not n.startswith(("cursor", "rng.client")))
+            reply = call(encode_activations(cut), timeout=30, metadata=metadata)
+    assert len(reply) > cut.hidden.numel() * 4
+
+
+# ------------------------------------------------------------------------- client drop
+class StopsResponding:
+    """Client k's data plane that, in round ``round_index`` iteration ``iteration``, computes its
+    forward but never sends it (until released, then it fails)."""
+
+    def __init__(self, plane, round_index, iteration):
+        self.plane, self.round_index, self.iteration = plane, round_index, iteration
+        self.stalled, self.release = threading.Event(), threading.Event()
+
+    def exchange(self, cut, round_index, iteration):
+        if (round_index, iteration) == (self.round_index, self.iteration):
+            self.stalled.set()
+            self.release.wait(30)
+            raise DataPlaneError("client stopped responding", "UNAVAILABLE")
+        return self.plane.exchange(cut, round_index, iteration)
+
+
+def test_a_client_that_stops_responding_is_dropped_and_fedavg_renormalised(tokenizer, data, tls, caplog):
+    """Client 1 stops before sending iteration 1 of round 0: after client_timeout the main server
+    goes on with clients 0 and 2; the round's global adapter is the FedAvg of clients 0 and 2 with
+    weights D_k / (D_0 + D_2), and the drop is in the round's metrics and the log.  In round 1
+    client 1 is back.  Everything equals the same schedule run in process."""
+    reference = federation(tokenizer, data)
+    c = reference.clients
+    with training(reference.split.full):
+        split_iteration(reference.split.client, reference.split.server, c, reference.servers,
+                        reference.server_rng, reference.cut_spec)
+        client_step_forward(reference.split.client, c[1])  # client 1's forward whose payload never leaves
+        split_iteration(reference.split.client, reference.split.server, [c[0], c[2]], reference.servers,
+                        reference.server_rng, reference.cut_spec)
+    broadcast_average([c[0].adapter, c[2].adapter], [7, 8], reference.client_adapters)
+    expected_round_1 = reference.run_round(1)
+
+    fed = federation(tokenizer, data)
+    lock = threading.Lock()
+    with main_server(fed, tls, lock, client_timeout=2.0) as (plane, address), \
+            data_plane_clients(address, tls, fed) as planes:
+        stopping = StopsResponding(planes[1], 0, 1)
+        try:
+            with caplog.at_level(logging.WARNING, logger="sflllm.deploy"):
+                round_0 = federated_round(fed, plane, [planes[0], stopping, planes[2]], 0, compute_lock=lock)
+            assert stopping.stalled.is_set()
+        finally:
+            stopping.release.set()
+        round_1 = federated_round(fed, plane, planes, 1, compute_lock=lock)
+    assert list(round_0["dropped"]) == ["1"]
+    assert "no activations for iteration 1 within 2 s" in round_0["dropped"]["1"]
+    assert "client 1 dropped" in caplog.text
+    assert round_0["samples"] == 2 * 4 * 2  # I * b * the two clients that completed the round
+    assert round_1["dropped"] == {} and round_1["samples"] == expected_round_1["samples"]
+    assert round_1["train_loss"] == pytest.approx(expected_round_1["train_loss"], rel=1e-12)
+    assert_same_state(fed, reference)
