@@ -19,6 +19,8 @@ import torch
 grpc = pytest.importorskip("grpc", reason="grpcio comes with the flower extra (pip install 'sflllm[flower]')")
 pytest.importorskip("cryptography", reason="cryptography comes with the flower extra")
 
+from safetensors.torch import load_file  # noqa: E402
+
 from sflllm.data import build_demo_tokenizer, synthetic_examples  # noqa: E402
 from sflllm.deploy import (  # noqa: E402
     DataPlaneClient,
@@ -32,6 +34,8 @@ from sflllm.deploy import (  # noqa: E402
     serve,
 )
 from sflllm.deploy.dataplane import CLIENT_KEY, EXCHANGE, ITERATION_KEY, ROUND_KEY, TOKEN_KEY, encode  # noqa: E402
+from sflllm.experiments.config import TrainConfig, TrainInputError, resolve_config  # noqa: E402
+from sflllm.experiments.train import resume_train, run_train  # noqa: E402
 from sflllm.sfl import Hyper, client_step_forward, make_federation, split_iteration  # noqa: E402
 from sflllm.sfl.federation import training  # noqa: E402
 from test_sfl import client_data, tiny_split  # noqa: E402
@@ -268,3 +272,26 @@ def test_a_client_that_stops_responding_is_dropped_and_fedavg_renormalised(token
     assert round_1["dropped"] == {} and round_1["samples"] == expected_round_1["samples"]
     assert round_1["train_loss"] == pytest.approx(expected_round_1["train_loss"], rel=1e-12)
     assert_same_state(fed, reference)
+
+
+# ------------------------------------------------------------------------- sflllm train --engine dataplane
+def test_train_engine_dataplane_equals_local_and_resumes(tmp_path):
+    """`sflllm train --engine dataplane` (3 clients, dropout on): round 1, then a resumed round 2 with a
+    fresh main server and fresh clients, equal the local engine's 2 rounds bit for bit; metrics.json
+    records each round's (empty) drops."""
+    config = TrainConfig(clients=3, rounds=2, local_steps=2, batch_size=4, train_samples=48, eval_samples=8,
+                         lora_dropout=0.1, generate=False)
+    local = run_train(config, tmp_path / "local", progress=False)
+    run_train(config.model_copy(update={"rounds": 1, "engine": "dataplane"}), tmp_path / "dp", progress=False)
+    resumed = resume_train(tmp_path / "dp", {"rounds": 2}, progress=False)
+    for name in ("client_adapter.safetensors", "server_adapter.safetensors", "state.safetensors"):
+        got, want = load_file(tmp_path / "dp" / name), load_file(tmp_path / "local" / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    for got, want in zip(resumed.metrics["rounds"], local.metrics["rounds"], strict=True):
+        assert got["dropped"] == {} and "dropped" not in want
+        assert (got["train_loss"], got["heldout_loss"]) == (want["train_loss"], want["heldout_loss"])
+
+
+def test_engine_dataplane_runs_mode_sfl_only():
+    with pytest.raises(TrainInputError, match="engine: 'dataplane' applies to mode 'sfl' only, not 'sl'"):
+        resolve_config({"mode": "sl", "engine": "dataplane"}, {})

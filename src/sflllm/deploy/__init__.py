@@ -19,12 +19,14 @@ from sflllm.deploy.dataplane import (
     gradient_limit,
     serve,
 )
+from sflllm.deploy.rehearsal import DataPlaneRehearsal
 from sflllm.deploy.rounds import broadcast_average, client_round, federated_round
 from sflllm.deploy.tls import self_signed_certificate
 
 __all__ = [
     "DataPlaneClient",
     "DataPlaneError",
+    "DataPlaneRehearsal",
     "MainServerPlane",
     "RoundReport",
     "activation_limit",

@@ -329,7 +329,11 @@ def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
         server_adapter=config.server_adapter,
     )
     federation = make_federation(split, client_data, hyper)
-    engine = flower_simulation(config, federation) if config.engine == "flower-sim" else federation
+    engine: RoundEngine = federation
+    if config.engine == "flower-sim":
+        engine = flower_simulation(config, federation)
+    elif config.engine == "dataplane":
+        engine = data_plane(config, federation)
     return _Run(config, seq_len, split, tokenizer, engine, eval_tokens, generation_examples)
 
 
@@ -344,6 +348,15 @@ def flower_simulation(config: TrainConfig, federation: Federation) -> RoundEngin
     from sflllm.flower import FlowerSimulation
 
     return FlowerSimulation(federation, functools.partial(flower_client, config.model_dump_json()))
+
+
+def data_plane(config: TrainConfig, federation: Federation) -> RoundEngine:
+    """The run with every cut exchange over the gRPC data plane (TLS, token) on 127.0.0.1, in this process."""
+    if importlib.util.find_spec("grpc") is None or importlib.util.find_spec("cryptography") is None:
+        raise TrainInputError(f"engine: 'dataplane' needs grpcio and cryptography; {FLOWER_HINT}")
+    from sflllm.deploy import DataPlaneRehearsal
+
+    return DataPlaneRehearsal(federation)
 
 
 def flower_client(config_json: str, k: int) -> tuple[torch.nn.Module, ClientState]:
@@ -668,7 +681,7 @@ def _train_round(out: Path, run: _Run, metrics: dict[str, Any], r: int, bar: Pro
         "samples": int(stats["samples"]),
         "wall_time_s": wall,
         "lr": config.lr,
-    }
+    } | ({"dropped": stats["dropped"]} if "dropped" in stats else {})
     metrics["rounds"].append(record)
     _save_round(out, run, metrics)
     console.print(
