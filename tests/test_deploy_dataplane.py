@@ -21,7 +21,6 @@ pytest.importorskip("cryptography", reason="cryptography comes with the flower e
 
 from safetensors.torch import load_file  # noqa: E402
 
-from sflllm.data import build_demo_tokenizer, synthetic_examples  # noqa: E402
 from sflllm.deploy import (  # noqa: E402
     DataPlaneClient,
     DataPlaneError,
@@ -36,19 +35,13 @@ from sflllm.deploy import (  # noqa: E402
 from sflllm.deploy.dataplane import CLIENT_KEY, EXCHANGE, ITERATION_KEY, ROUND_KEY, TOKEN_KEY, encode  # noqa: E402
 from sflllm.experiments.config import TrainConfig, TrainInputError, resolve_config  # noqa: E402
 from sflllm.experiments.train import resume_train, run_train  # noqa: E402
-from sflllm.sfl import Hyper, client_step_forward, make_federation, split_iteration  # noqa: E402
+from sflllm.sfl import client_step_forward, split_iteration  # noqa: E402
 from sflllm.sfl.federation import training  # noqa: E402
-from test_sfl import client_data, tiny_split  # noqa: E402
+from test_sfl import single_thread  # noqa: E402,F401 - module fixture: tiny models run single-threaded
+from test_sfl_protocol import data, tokenizer  # noqa: E402,F401 - fixtures
+from test_sfl_protocol import federation as split_and_federation  # noqa: E402
 
 TOKEN = "run-token-4f2a"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +49,9 @@ def tls():
     return self_signed_certificate(("localhost", "127.0.0.1"))
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_demo_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data(tokenizer):
-    return client_data(synthetic_examples(40, seed=3), tokenizer, [7, 9, 8])
-
-
 def federation(tokenizer, data, **hyper):
-    split = tiny_split("gpt2", len(tokenizer), dropout=0.2)
-    return make_federation(split, data, Hyper(local_steps=2, lr=1e-2, seed=4, **hyper))
+    """3 clients (7, 9, 8 examples), tiny GPT-2 with dropout 0.2, I=2, b=4."""
+    return split_and_federation(tokenizer, data, **hyper)[1]
 
 
 @contextmanager
