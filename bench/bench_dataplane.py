@@ -20,7 +20,6 @@ import statistics
 import threading
 import time
 
-import torch
 
 from sflllm.data import build_demo_tokenizer, synthetic_examples, tokenize
 from sflllm.deploy import DataPlaneClient, MainServerPlane, self_signed_certificate, serve

@@ -240,14 +240,16 @@ def test_a_client_that_stops_responding_is_dropped_and_fedavg_renormalised(token
     lock = threading.Lock()
     with main_server(fed, tls, lock, client_timeout=2.0) as (plane, address), \
             data_plane_clients(address, tls, fed) as planes:
-        stopping = StopsResponding(planes[1], 0, 1)
+        stopping, busy = StopsResponding(planes[1], 0, 1), {}
         try:
             with caplog.at_level(logging.WARNING, logger="sflllm.deploy"):
-                round_0 = federated_round(fed, plane, [planes[0], stopping, planes[2]], 0, compute_lock=lock)
-            assert stopping.stalled.is_set()
+                round_0 = federated_round(fed, plane, [planes[0], stopping, planes[2]], 0, compute_lock=lock,
+                                          busy=busy)
+            assert stopping.stalled.is_set() and list(busy) == [1]
         finally:
             stopping.release.set()
-        round_1 = federated_round(fed, plane, planes, 1, compute_lock=lock)
+        busy[1].join(30)
+        round_1 = federated_round(fed, plane, planes, 1, compute_lock=lock, busy=busy)
     assert list(round_0["dropped"]) == ["1"]
     assert "no activations for iteration 1 within 2 s" in round_0["dropped"]["1"]
     assert "client 1 dropped" in caplog.text
@@ -278,3 +280,27 @@ def test_train_engine_dataplane_equals_local_and_resumes(tmp_path):
 def test_engine_dataplane_runs_mode_sfl_only():
     with pytest.raises(TrainInputError, match="engine: 'dataplane' applies to mode 'sfl' only, not 'sl'"):
         resolve_config({"mode": "sl", "engine": "dataplane"}, {})
+
+
+def test_a_client_still_stuck_sits_rounds_out_and_rejoins_when_it_is_back(tokenizer, data, tls):
+    """Client 2 hangs before its first payload of round 0: dropped after client_timeout; in round 1
+    it is still hanging, so it sits the round out (no waiting); once it has ended, it takes part in
+    round 2.  After every round all three clients hold the same (broadcast) adapter."""
+    fed = federation(tokenizer, data)
+    lock = threading.Lock()
+    with main_server(fed, tls, lock, client_timeout=2.0) as (plane, address), \
+            data_plane_clients(address, tls, fed) as planes:
+        stopping, busy = StopsResponding(planes[2], 0, 0), {}
+        try:
+            round_0 = federated_round(fed, plane, [planes[0], planes[1], stopping], 0, compute_lock=lock, busy=busy)
+            round_1 = federated_round(fed, plane, planes, 1, compute_lock=lock, busy=busy)
+        finally:
+            stopping.release.set()
+        busy[2].join(30)
+        round_2 = federated_round(fed, plane, planes, 2, compute_lock=lock, busy=busy)
+    assert "no activations for iteration 0 within 2 s" in round_0["dropped"]["2"]
+    assert round_1["dropped"] == {"2": "still running its part of an earlier round"}
+    assert round_0["samples"] == round_1["samples"] == 2 * 4 * 2 and round_2["samples"] == 2 * 4 * 3
+    assert round_2["dropped"] == {} and busy == {}
+    adapters = [c.adapter.tensors for c in fed.clients]
+    assert all(torch.equal(a[n], adapters[0][n]) for a in adapters[1:] for n in a)

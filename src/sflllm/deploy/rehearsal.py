@@ -36,6 +36,7 @@ class DataPlaneRehearsal:
         self._server = None
         self._plane: MainServerPlane | None = None
         self._clients: list[DataPlaneClient] = []
+        self._busy: dict[int, threading.Thread] = {}  # dropped clients' threads that may still run
 
     def start(self) -> None:
         """Make the certificate and token, start the main server's gRPC server and connect the clients; idempotent."""
@@ -56,7 +57,8 @@ class DataPlaneRehearsal:
         is called once, at the end of the round's local iterations (the clients run concurrently)."""
         self.start()
         assert self._plane is not None
-        stats = federated_round(self.federation, self._plane, self._clients, round_index, compute_lock=self._lock)
+        stats = federated_round(self.federation, self._plane, self._clients, round_index, compute_lock=self._lock,
+                                busy=self._busy)
         if progress is not None:
             progress(self.federation.hyper.local_steps, self.federation.hyper.local_steps)
         return stats

@@ -54,44 +54,50 @@ def broadcast_average(adapters: Sequence[Adapter], data_sizes: Sequence[int], to
 
 
 def federated_round(fed: Federation, plane: MainServerPlane, planes: Sequence[DataPlaneClient], round_index: int,
-                    *, compute_lock: threading.Lock) -> dict:
+                    *, compute_lock: threading.Lock, busy: dict[int, threading.Thread] | None = None) -> dict:
     """Round ``round_index`` of ``fed`` (mode sfl) with every client in a thread over the data plane.
 
-    ``planes[k]`` is client k's :class:`DataPlaneClient` to ``plane``.  Returns the round's
-    metrics (:func:`~sflllm.sfl.federation.round_stats` over the completed clients) plus
-    ``"dropped"``: ``{client: reason}`` as strings, for metrics.json.  Raises RuntimeError if every
-    client was dropped.
+    ``planes[k]`` is client k's :class:`DataPlaneClient` to ``plane``.  ``busy`` (the caller keeps it
+    across rounds) maps a client dropped earlier to its thread, which may still be running: such a
+    client sits this round out (reported as dropped) until its thread has ended; this round's
+    dropped clients are added.  Returns the round's metrics (:func:`~sflllm.sfl.federation.round_stats`
+    over the clients that completed it) plus ``"dropped"``: ``{client: reason}`` as strings, for
+    metrics.json.  Raises RuntimeError if every client was dropped.
     """
     if fed.hyper.mode != "sfl":
         raise ValueError(f"federated_round runs mode 'sfl', not {fed.hyper.mode!r}")
-    clients = fed.clients
-    errors: dict[int, BaseException] = {}
+    clients, busy = fed.clients, {} if busy is None else busy
+    for k in [k for k, thread in busy.items() if not thread.is_alive()]:
+        del busy[k]
+    sitting_out = {k: "still running its part of an earlier round" for k in busy}
+    taking_part = [k for k in range(len(clients)) if k not in sitting_out]
 
     def run(k: int) -> None:
         try:
             client_round(fed.split.client, clients[k], planes[k], round_index, fed.hyper.local_steps, compute_lock)
         except Exception as err:  # a failed client is dropped; the round goes on
-            errors[k] = err
             plane.drop(k, f"{type(err).__name__}: {err}", round_index)
 
-    plane.begin_round(round_index, range(len(clients)), fed.hyper.local_steps)
+    plane.begin_round(round_index, taking_part, fed.hyper.local_steps)
     with training(fed.split.full):
-        threads = [threading.Thread(target=run, args=(k,), name=f"sflllm-client-{k}", daemon=True)
-                   for k in range(len(clients))]
-        for thread in threads:
+        threads = {k: threading.Thread(target=run, args=(k,), name=f"sflllm-client-{k}", daemon=True)
+                   for k in taking_part}
+        for thread in threads.values():
             thread.start()
         # wait for every client that is still in the round; a dropped one may be stuck: leave it
-        while any(t.is_alive() and k not in plane.dropped for k, t in enumerate(threads)):
+        while any(t.is_alive() and k not in plane.dropped for k, t in threads.items()):
             time.sleep(0.005)
     report = plane.end_round()
-    dropped = {k: str(reason) for k, reason in sorted(report.dropped.items())}
-    survivors = [k for k in range(len(clients)) if k not in dropped and k not in errors]
+    busy |= {k: threads[k] for k in report.dropped if threads[k].is_alive()}
+    dropped = dict(sorted((sitting_out | report.dropped).items()))
+    survivors = [k for k in taking_part if k not in dropped]
     if not survivors:
         raise RuntimeError(f"round {round_index}: every client was dropped ({dropped})")
     if len(clients) > 1:
         sizes = [clients[k].num_examples for k in survivors]
-        broadcast_average([clients[k].adapter for k in survivors], sizes, fed.client_adapters)
-        if len(fed.servers) == len(clients) > 1:
-            broadcast_average([fed.servers[k] for k in survivors], sizes, fed.servers)
+        with compute_lock:  # a dropped client's thread may still be finishing a step
+            broadcast_average([clients[k].adapter for k in survivors], sizes, fed.client_adapters)
+            if len(fed.servers) == len(clients):
+                broadcast_average([fed.servers[k] for k in survivors], sizes, fed.servers)
     stats = round_stats(round_index, report.losses, fed.hyper, len(survivors))
     return stats | {"dropped": {str(k): reason for k, reason in dropped.items()}}
