@@ -9,9 +9,13 @@ so they compute under one lock).
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +31,7 @@ from sflllm.deploy import (  # noqa: E402
     MainServerPlane,
     activation_limit,
     broadcast_average,
+    client_round,
     encode_activations,
     federated_round,
     self_signed_certificate,
@@ -42,6 +47,7 @@ from test_sfl_protocol import data, tokenizer  # noqa: E402,F401 - fixtures
 from test_sfl_protocol import federation as split_and_federation  # noqa: E402
 
 TOKEN = "run-token-4f2a"
+MAIN_SERVER_PROCESS = Path(__file__).with_name("dataplane_main_server.py")
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +310,70 @@ def test_a_client_still_stuck_sits_rounds_out_and_rejoins_when_it_is_back(tokeni
     assert round_2["dropped"] == {} and busy == {}
     adapters = [c.adapter.tensors for c in fed.clients]
     assert all(torch.equal(a[n], adapters[0][n]) for a in adapters[1:] for n in a)
+
+
+# ------------------------------------------------------------------------- across processes
+def lines_of(proc) -> queue.Queue:
+    """A queue that a daemon thread fills with ``proc``'s output lines (None at the end)."""
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def expect_line(lines: queue.Queue, prefix: str, output: list[str]) -> str:
+    while True:
+        line = lines.get(timeout=180)
+        assert line is not None, f"the main server process ended before printing {prefix!r}:\n{''.join(output)}"
+        output.append(line)
+        if line.startswith(prefix):
+            return line.strip()
+
+
+def test_a_main_server_in_its_own_process_serves_a_round_equal_to_the_in_process_one(tokenizer, data, tls, tmp_path):
+    """The main server runs in a separate process (stopped by its PID at the end), the 3 clients
+    here; round 0 over TLS between the two processes leaves the clients' and the main server's
+    state exactly as the in-process round does."""
+    reference = federation(tokenizer, data)
+    expected = reference.run_round(0)
+    want = reference.state_dict()
+    (tmp_path / "cert.pem").write_bytes(tls[0])
+    (tmp_path / "key.pem").write_bytes(tls[1])
+    command = [sys.executable, str(MAIN_SERVER_PROCESS), str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), TOKEN,
+               str(tmp_path / "main_server.safetensors")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, output = lines_of(proc), []
+        port = int(expect_line(lines, "port ", output).split()[1])
+        fed, lock, failures = federation(tokenizer, data), threading.Lock(), []
+        with data_plane_clients(f"127.0.0.1:{port}", tls, fed) as planes, training(fed.split.full):
+            def run(k: int) -> None:
+                try:
+                    client_round(fed.split.client, fed.clients[k], planes[k], 0, fed.hyper.local_steps, lock)
+                except Exception as err:  # reported below
+                    failures.append(err)
+
+            threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+        assert not failures and not any(t.is_alive() for t in threads), failures
+        assert expect_line(lines, "done", output) == "done dropped=[]"
+        assert proc.wait(60) == 0, "".join(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+    broadcast_average([c.adapter for c in fed.clients], fed.data_sizes, fed.client_adapters)
+    got = {n: t for n, t in fed.state_dict().items() if not n.startswith(("server.", "rng.main_server"))}
+    got |= {n: t for n, t in load_file(tmp_path / "main_server.safetensors").items() if n != "losses"}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n]) for n in want), [n for n in want if not torch.equal(got[n], want[n])]
+    losses = load_file(tmp_path / "main_server.safetensors")["losses"]
+    assert float(losses.mean()) == pytest.approx(expected["train_loss"], rel=1e-12)

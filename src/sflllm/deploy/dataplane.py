@@ -200,6 +200,16 @@ class MainServerPlane:
             if round_index == self._round:
                 self._drop({client} & self._active, reason)
 
+    def wait_round(self, timeout: float | None = None) -> bool:
+        """Wait until the main server has served every local iteration of the round (to the clients
+        still in it) or every client has been dropped; False if ``timeout`` (s) passed first."""
+        def served() -> bool:
+            return not self._active or all(
+                i in self._iterations and self._iterations[i].grads is not None for i in range(self._local_steps))
+
+        with self._cond:
+            return self._cond.wait_for(served, timeout)
+
     def end_round(self) -> RoundReport:
         """Close the round; what it saw."""
         with self._cond:
@@ -306,7 +316,8 @@ class MainServerPlane:
 def serve(plane: MainServerPlane, address: str, certificate: bytes, private_key: bytes) -> tuple[Any, int]:
     """Start a TLS gRPC server for ``plane`` on ``address`` (``host:port``; port 0 picks a free one).
 
-    Returns ``(server, port)``; stop it with ``server.stop(grace)``.  Its receive limit is
+    Returns ``(server, port)``; stop it with ``server.stop(grace)`` (a grace period in seconds lets the
+    answers of a round that :meth:`MainServerPlane.wait_round` saw served go out).  Its receive limit is
     :func:`activation_limit` of the plane's cut spec.
     """
     import grpc

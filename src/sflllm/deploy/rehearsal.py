@@ -78,5 +78,5 @@ class DataPlaneRehearsal:
             client.close()
         self._clients = []
         if self._server is not None:
-            self._server.stop(None).wait(10)
+            self._server.stop(grace=5).wait(10)
         self._server, self._plane = None, None
