@@ -156,12 +156,13 @@ class MainServerPlane:
     ``client_timeout`` (seconds): how long after the first payload of an iteration the others may
     take before their clients are dropped from the round.  ``compute_lock``, when given, is held
     while the main server computes (a one-process rehearsal shares torch's global RNG between
-    parties, see :mod:`sflllm.sfl.rng`).
+    parties, see :mod:`sflllm.sfl.rng`).  ``max_clients`` bounds a round's clients: each one waiting
+    at the barrier holds one of the gRPC server's worker threads (:func:`serve` makes enough).
     """
 
     def __init__(self, server_module: torch.nn.Module, adapters: Sequence[Adapter], rng: PartyRng, spec: CutSpec,
                  token: str, *, client_timeout: float = 30.0,
-                 compute_lock: AbstractContextManager[Any] | None = None) -> None:
+                 compute_lock: AbstractContextManager[Any] | None = None, max_clients: int = 64) -> None:
         if not token:
             raise ValueError("the data plane needs a non-empty per-run token")
         if not (client_timeout > 0 and math.isfinite(client_timeout)):
@@ -172,6 +173,7 @@ class MainServerPlane:
         self.rng = rng
         self.spec = spec
         self.client_timeout = client_timeout
+        self.max_clients = max_clients
         self._token = token.encode("utf-8")
         self._compute_lock = compute_lock if compute_lock is not None else nullcontext()
         self._cond = threading.Condition()
@@ -185,6 +187,8 @@ class MainServerPlane:
     # ------------------------------------------------------------ round control (the federated server's side)
     def begin_round(self, round_index: int, clients: Sequence[int], local_steps: int) -> None:
         """Open round ``round_index`` for ``clients`` (indices), each to run ``local_steps`` iterations."""
+        if len(clients) > self.max_clients:
+            raise ValueError(f"{len(clients)} clients in a round, more than max_clients={self.max_clients}")
         if len(self.adapters) > 1 and any(not 0 <= k < len(self.adapters) for k in clients):
             raise ValueError(f"clients {sorted(clients)} do not all have a server adapter "
                              f"({len(self.adapters)} per-client adapters)")
@@ -325,8 +329,8 @@ def serve(plane: MainServerPlane, address: str, certificate: bytes, private_key:
     limit = activation_limit(plane.spec)
     options = [("grpc.max_receive_message_length", limit),
                ("grpc.max_send_message_length", gradient_limit(plane.spec))]
-    # every client of a round blocks one worker at the barrier; leave room for refused calls
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
+    # every client of a round holds one worker at the barrier; leave room for refused calls
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=plane.max_clients + 8), options=options)
     handler = grpc.unary_unary_rpc_method_handler(plane.exchange)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Exchange": handler}),))
     port = server.add_secure_port(address, grpc.ssl_server_credentials([(private_key, certificate)]))
