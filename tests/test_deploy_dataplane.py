@@ -48,6 +48,7 @@ from test_sfl_protocol import federation as split_and_federation  # noqa: E402
 
 TOKEN = "run-token-4f2a"
 MAIN_SERVER_PROCESS = Path(__file__).with_name("dataplane_main_server.py")
+CLIENT_PROCESS = Path(__file__).with_name("dataplane_client.py")
 
 
 @pytest.fixture(scope="module")
@@ -377,3 +378,59 @@ def test_a_main_server_in_its_own_process_serves_a_round_equal_to_the_in_process
     assert all(torch.equal(got[n], want[n]) for n in want), [n for n in want if not torch.equal(got[n], want[n])]
     losses = load_file(tmp_path / "main_server.safetensors")["losses"]
     assert float(losses.mean()) == pytest.approx(expected["train_loss"], rel=1e-12)
+
+
+def test_a_client_process_killed_mid_round_is_dropped_and_the_round_completes(tokenizer, data, tls, tmp_path):
+    """Client 1 runs in its own process, which is killed (SIGKILL, by its PID) after its first
+    iteration of round 0; clients 0 and 2 (threads here) finish the round without it after
+    client_timeout, and FedAvg over them gives the same adapters, and main-server state, as the
+    same schedule in process."""
+    reference = federation(tokenizer, data)
+    c = reference.clients
+    with training(reference.split.full):
+        split_iteration(reference.split.client, reference.split.server, c, reference.servers,
+                        reference.server_rng, reference.cut_spec)
+        split_iteration(reference.split.client, reference.split.server, [c[0], c[2]], reference.servers,
+                        reference.server_rng, reference.cut_spec)
+    broadcast_average([c[0].adapter, c[2].adapter], [7, 8], reference.client_adapters)
+
+    fed, lock, failures = federation(tokenizer, data), threading.Lock(), []
+    (tmp_path / "cert.pem").write_bytes(tls[0])
+    with main_server(fed, tls, lock, client_timeout=5.0) as (plane, address), \
+            data_plane_clients(address, tls, fed) as planes:
+        proc = subprocess.Popen([sys.executable, str(CLIENT_PROCESS), address, str(tmp_path / "cert.pem"), TOKEN, "1"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines, output = lines_of(proc), []
+            expect_line(lines, "ready", output)
+            plane.begin_round(0, [0, 1, 2], fed.hyper.local_steps)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            with training(fed.split.full):
+                def run(k: int) -> None:
+                    try:
+                        client_round(fed.split.client, fed.clients[k], planes[k], 0, fed.hyper.local_steps, lock)
+                    except Exception as err:  # reported below
+                        failures.append(err)
+
+                threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in (0, 2)]
+                for thread in threads:
+                    thread.start()
+                expect_line(lines, "iteration 0 done", output)
+                proc.kill()
+                assert proc.wait(30) != 0
+                for thread in threads:
+                    thread.join(120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+        report = plane.end_round()
+    assert not failures and not any(t.is_alive() for t in threads), failures
+    assert list(report.dropped) == [1] and "no activations for iteration 1" in report.dropped[1]
+    broadcast_average([fed.clients[0].adapter, fed.clients[2].adapter], [7, 8], fed.client_adapters)
+    got, want = fed.state_dict(), reference.state_dict()
+    compared = [n for n in want if not n.startswith("client.1.") and n not in ("cursor.1", "rng.client.1")]
+    assert any(n.startswith("server.0.") for n in compared) and "rng.main_server" in compared
+    assert all(torch.equal(got[n], want[n]) for n in compared), [n for n in compared if not torch.equal(got[n], want[n])]
+    assert all(torch.equal(t, reference.clients[1].adapter.tensors[n]) for n, t in fed.clients[1].adapter.tensors.items())
