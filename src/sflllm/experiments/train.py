@@ -686,8 +686,10 @@ def _train_round(out: Path, run: _Run, metrics: dict[str, Any], r: int, bar: Pro
     _save_round(out, run, metrics)
     console.print(
         f"round {r + 1}/{config.rounds}: train loss {record['train_loss']:.4f}, "
-        f"held-out loss {record['heldout_loss']:.4f}, {wall:.2f} s",
+        f"held-out loss {record['heldout_loss']:.4f}, {wall:.2f} s"
+        + "".join(f"; client {k} dropped: {why}" for k, why in record.get("dropped", {}).items()),
         highlight=False,
+        markup=False,
     )
 
 
