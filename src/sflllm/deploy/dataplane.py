@@ -205,11 +205,12 @@ class MainServerPlane:
                 self._drop({client} & self._active, reason)
 
     def wait_round(self, timeout: float | None = None) -> bool:
-        """Wait until the main server has served every local iteration of the round (to the clients
-        still in it) or every client has been dropped; False if ``timeout`` (s) passed first."""
+        """Wait until the main server has served (or failed) every local iteration of the round for
+        the clients still in it, or every client has been dropped; False if ``timeout`` (s) passed
+        first (e.g. every remaining client stopped before sending)."""
         def served() -> bool:
-            return not self._active or all(
-                i in self._iterations and self._iterations[i].grads is not None for i in range(self._local_steps))
+            done = (self._iterations.get(i) for i in range(self._local_steps))
+            return not self._active or all(it is not None and (it.grads, it.error) != (None, None) for it in done)
 
         with self._cond:
             return self._cond.wait_for(served, timeout)
