@@ -83,6 +83,32 @@ def data_plane_clients(address, tls, fed, tokens=None):
             plane.close()
 
 
+@contextmanager
+def served_federation(tokenizer, data, tls, client_timeout=30.0, **hyper):
+    """A fresh federation, its main server on a free port, its clients' ends of the data plane and
+    the lock the parties compute under: ``(fed, lock, plane, planes)``."""
+    fed, lock = federation(tokenizer, data, **hyper), threading.Lock()
+    with main_server(fed, tls, lock, client_timeout) as (plane, address), \
+            data_plane_clients(address, tls, fed) as planes:
+        yield fed, lock, plane, planes
+
+
+def reference_dropping_client_1_at_iteration_1(tokenizer, data, *, its_last_forward: bool):
+    """In process: round 0's iteration 0 with all three clients, iteration 1 with clients 0 and 2
+    (client 1, dropped, computes its forward or not), FedAvg over clients 0 and 2 broadcast to all."""
+    reference = federation(tokenizer, data)
+    c = reference.clients
+    with training(reference.split.full):
+        split_iteration(reference.split.client, reference.split.server, c, reference.servers,
+                        reference.server_rng, reference.cut_spec)
+        if its_last_forward:
+            client_step_forward(reference.split.client, c[1])  # a forward whose payload never leaves
+        split_iteration(reference.split.client, reference.split.server, [c[0], c[2]], reference.servers,
+                        reference.server_rng, reference.cut_spec)
+    broadcast_average([c[0].adapter, c[2].adapter], [7, 8], reference.client_adapters)
+    return reference
+
+
 def assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -97,9 +123,7 @@ def test_rounds_over_the_data_plane_equal_the_in_process_engine(server_adapter, 
     party's RNG state equal the in-process Federation's bit for bit; the losses match."""
     reference = federation(tokenizer, data, server_adapter=server_adapter)
     expected = [reference.run_round(r) for r in range(2)]
-    fed = federation(tokenizer, data, server_adapter=server_adapter)
-    lock = threading.Lock()
-    with main_server(fed, tls, lock) as (plane, address), data_plane_clients(address, tls, fed) as planes:
+    with served_federation(tokenizer, data, tls, server_adapter=server_adapter) as (fed, lock, plane, planes):
         got = [federated_round(fed, plane, planes, r, compute_lock=lock) for r in range(2)]
     assert_same_state(fed, reference)
     for g, e in zip(got, expected, strict=True):
@@ -232,21 +256,10 @@ def test_a_client_that_stops_responding_is_dropped_and_fedavg_renormalised(token
     goes on with clients 0 and 2; the round's global adapter is the FedAvg of clients 0 and 2 with
     weights D_k / (D_0 + D_2), and the drop is in the round's metrics and the log.  In round 1
     client 1 is back.  Everything equals the same schedule run in process."""
-    reference = federation(tokenizer, data)
-    c = reference.clients
-    with training(reference.split.full):
-        split_iteration(reference.split.client, reference.split.server, c, reference.servers,
-                        reference.server_rng, reference.cut_spec)
-        client_step_forward(reference.split.client, c[1])  # client 1's forward whose payload never leaves
-        split_iteration(reference.split.client, reference.split.server, [c[0], c[2]], reference.servers,
-                        reference.server_rng, reference.cut_spec)
-    broadcast_average([c[0].adapter, c[2].adapter], [7, 8], reference.client_adapters)
+    reference = reference_dropping_client_1_at_iteration_1(tokenizer, data, its_last_forward=True)
     expected_round_1 = reference.run_round(1)
 
-    fed = federation(tokenizer, data)
-    lock = threading.Lock()
-    with main_server(fed, tls, lock, client_timeout=2.0) as (plane, address), \
-            data_plane_clients(address, tls, fed) as planes:
+    with served_federation(tokenizer, data, tls, client_timeout=2.0) as (fed, lock, plane, planes):
         stopping, busy = StopsResponding(planes[1], 0, 1), {}
         try:
             with caplog.at_level(logging.WARNING, logger="sflllm.deploy"):
@@ -293,10 +306,7 @@ def test_a_client_still_stuck_sits_rounds_out_and_rejoins_when_it_is_back(tokeni
     """Client 2 hangs before its first payload of round 0: dropped after client_timeout; in round 1
     it is still hanging, so it sits the round out (no waiting); once it has ended, it takes part in
     round 2.  After every round all three clients hold the same (broadcast) adapter."""
-    fed = federation(tokenizer, data)
-    lock = threading.Lock()
-    with main_server(fed, tls, lock, client_timeout=2.0) as (plane, address), \
-            data_plane_clients(address, tls, fed) as planes:
+    with served_federation(tokenizer, data, tls, client_timeout=2.0) as (fed, lock, plane, planes):
         stopping, busy = StopsResponding(planes[2], 0, 0), {}
         try:
             round_0 = federated_round(fed, plane, [planes[0], planes[1], stopping], 0, compute_lock=lock, busy=busy)
@@ -385,19 +395,12 @@ def test_a_client_process_killed_mid_round_is_dropped_and_the_round_completes(to
     iteration of round 0; clients 0 and 2 (threads here) finish the round without it after
     client_timeout, and FedAvg over them gives the same adapters, and main-server state, as the
     same schedule in process."""
-    reference = federation(tokenizer, data)
-    c = reference.clients
-    with training(reference.split.full):
-        split_iteration(reference.split.client, reference.split.server, c, reference.servers,
-                        reference.server_rng, reference.cut_spec)
-        split_iteration(reference.split.client, reference.split.server, [c[0], c[2]], reference.servers,
-                        reference.server_rng, reference.cut_spec)
-    broadcast_average([c[0].adapter, c[2].adapter], [7, 8], reference.client_adapters)
+    reference = reference_dropping_client_1_at_iteration_1(tokenizer, data, its_last_forward=False)
 
-    fed, lock, failures = federation(tokenizer, data), threading.Lock(), []
+    failures = []
     (tmp_path / "cert.pem").write_bytes(tls[0])
-    with main_server(fed, tls, lock, client_timeout=5.0) as (plane, address), \
-            data_plane_clients(address, tls, fed) as planes:
+    with served_federation(tokenizer, data, tls, client_timeout=5.0) as (fed, lock, plane, planes):
+        address = planes[0].address
         proc = subprocess.Popen([sys.executable, str(CLIENT_PROCESS), address, str(tmp_path / "cert.pem"), TOKEN, "1"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

@@ -355,6 +355,7 @@ class DataPlaneClient:
         import grpc
 
         self._grpc = grpc
+        self.address = address
         self.client = client
         self.timeout = timeout
         self._token = token
