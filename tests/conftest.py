@@ -43,3 +43,16 @@ def heavy_modules_imported(*cli_args: str) -> list[str]:
             f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: one torch intra-op thread is faster than two (intra-op threads cost more in
+    synchronisation than they save, badly so on a loaded box); a module's tests share it, restored after.
+    Use it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
