@@ -242,6 +242,7 @@ class StopsResponding:
 
     def __init__(self, plane, round_index, iteration):
         self.plane, self.round_index, self.iteration = plane, round_index, iteration
+        self.spec = plane.spec
         self.stalled, self.release = threading.Event(), threading.Event()
 
     def exchange(self, cut, round_index, iteration):

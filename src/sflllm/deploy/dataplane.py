@@ -356,6 +356,7 @@ class DataPlaneClient:
 
         self._grpc = grpc
         self.address = address
+        self.spec = spec
         self.client = client
         self.timeout = timeout
         self._token = token
