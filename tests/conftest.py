@@ -45,6 +45,14 @@ def heavy_modules_imported(*cli_args: str) -> list[str]:
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in offline word-level demo tokenizer."""
+    from sflllm.data import build_demo_tokenizer
+
+    return build_demo_tokenizer()
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny models: one torch intra-op thread is faster than two (intra-op threads cost more in
@@ -56,3 +64,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TINY_SCENARIO = """\
+seed: 1
+model: {seq_len: 104}
+training: {batch_size: 4, local_steps: 2, ranks: [2, 4], rounds_per_rank: {2: 3, 4: 2}}
+clients: {count: 2}
+network: {ms_subchannels: 6, fs_subchannels: 4}
+baselines: {random_draws: 3}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_scenario_file(tmp_path_factory) -> Path:
+    """A scenario small enough for the built-in demo model to run in seconds (K=2, I=2, b=4, ranks 2 and 4)."""
+    path = tmp_path_factory.mktemp("scenario") / "tiny.yaml"
+    path.write_text(TINY_SCENARIO)
+    return path

@@ -42,7 +42,7 @@ from sflllm.experiments.config import TrainConfig, TrainInputError, resolve_conf
 from sflllm.experiments.train import resume_train, run_train  # noqa: E402
 from sflllm.sfl import client_step_forward, split_iteration  # noqa: E402
 from sflllm.sfl.federation import training  # noqa: E402
-from test_sfl_protocol import data, tokenizer  # noqa: E402,F401 - fixtures
+from test_sfl_protocol import data  # noqa: E402,F401 - fixture (tokenizer: conftest)
 from test_sfl_protocol import federation as split_and_federation  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
