@@ -192,8 +192,9 @@ def test_client_step_backward_rejects_wrong_gradient_before_stepping(tokenizer, 
 
 
 def test_the_local_engine_imports_no_flower():
-    """A core install (no flower extra) trains: flwr and ray load only for --engine flower-sim."""
-    code = ("import sys, sflllm.sfl, sflllm.experiments.train, sflllm.cli; "
-            "print(sorted(m for m in ('flwr', 'ray') if m in sys.modules))")
+    """A core install (no flower extra) trains: flwr and ray load only for --engine flower-sim, grpc
+    and cryptography only when sflllm.deploy builds a data plane."""
+    code = ("import sys, sflllm.sfl, sflllm.experiments.train, sflllm.cli, sflllm.deploy; "
+            "print(sorted(m for m in ('flwr', 'ray', 'grpc', 'cryptography') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

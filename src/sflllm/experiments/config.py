@@ -94,8 +94,9 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: 1 for narrow models (hidden size <= 256), torch's default otherwise"
     )
-    engine: Literal["local", "flower-sim"] = Field(
-        "local", description="local: one process; flower-sim: Flower's Simulation Engine (mode sfl; the flower extra)"
+    engine: Literal["local", "flower-sim", "dataplane"] = Field(
+        "local", description="local: one process; flower-sim: Flower's Simulation Engine; dataplane: every cut "
+        "exchange over gRPC with TLS and a token on 127.0.0.1 (flower-sim and dataplane: mode sfl, the flower extra)"
     )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
@@ -131,7 +132,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _sfl_only_values_need_sfl(cls, value: str, info: ValidationInfo) -> str:
         mode = info.data.get("mode", "sfl")
-        if value == SFL_ONLY[info.field_name] and mode != "sfl":
+        if value in SFL_ONLY[info.field_name] and mode != "sfl":
             raise ValueError(f"{value!r} applies to mode 'sfl' only, not {mode!r}")
         return value
 
@@ -150,7 +151,7 @@ class TrainConfig(BaseModel):
 
 
 # Values of a field that only mode sfl supports
-SFL_ONLY = {"server_adapter": "per_client", "engine": "flower-sim"}
+SFL_ONLY = {"server_adapter": ("per_client",), "engine": ("flower-sim", "dataplane")}
 
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.

@@ -155,6 +155,10 @@ def placement(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
         device = resolve_device(config.device)
     except ValueError as e:
         raise TrainInputError(f"device: {_one_line(e)}") from None
+    if config.engine != "local" and device.type != "cpu":
+        # the flower-sim and dataplane engines decode every received tensor onto the CPU
+        raise TrainInputError(f"engine: {config.engine!r} runs on the CPU only, not on {device}; "
+                              "pass --device cpu or --engine local")
     return device, resolve_dtype(config.dtype)
 
 
@@ -354,7 +358,11 @@ def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
         federation = make_federation(split, client_data, hyper)
     except ValueError as e:
         raise TrainInputError(_one_line(e)) from None
-    engine = flower_simulation(config, federation) if config.engine == "flower-sim" else federation
+    engine: RoundEngine = federation
+    if config.engine == "flower-sim":
+        engine = flower_simulation(config, federation)
+    elif config.engine == "dataplane":
+        engine = data_plane(config, federation)
     return _Run(config, seq_len, split, tokenizer, engine, device, eval_tokens, generation_examples)
 
 
@@ -369,6 +377,15 @@ def flower_simulation(config: TrainConfig, federation: Federation) -> RoundEngin
     from sflllm.flower import FlowerSimulation
 
     return FlowerSimulation(federation, functools.partial(flower_client, config.model_dump_json()))
+
+
+def data_plane(config: TrainConfig, federation: Federation) -> RoundEngine:
+    """The run with every cut exchange over the gRPC data plane (TLS, token) on 127.0.0.1, in this process."""
+    if importlib.util.find_spec("grpc") is None or importlib.util.find_spec("cryptography") is None:
+        raise TrainInputError(f"engine: 'dataplane' needs grpcio and cryptography; {FLOWER_HINT}")
+    from sflllm.deploy import DataPlaneRehearsal
+
+    return DataPlaneRehearsal(federation)
 
 
 def flower_client(config_json: str, k: int) -> tuple[torch.nn.Module, ClientState]:
@@ -694,13 +711,15 @@ def _train_round(out: Path, run: _Run, metrics: dict[str, Any], r: int, bar: Pro
         "samples": int(stats["samples"]),
         "wall_time_s": wall,
         "lr": config.lr,
-    }
+    } | ({"dropped": stats["dropped"]} if "dropped" in stats else {})
     metrics["rounds"].append(record)
     _save_round(out, run, metrics)
     console.print(
         f"round {r + 1}/{config.rounds}: train loss {record['train_loss']:.4f}, "
-        f"held-out loss {record['heldout_loss']:.4f}, {wall:.2f} s",
+        f"held-out loss {record['heldout_loss']:.4f}, {wall:.2f} s"
+        + "".join(f"; client {k} dropped: {why}" for k, why in record.get("dropped", {}).items()),
         highlight=False,
+        markup=False,
     )
 
 
