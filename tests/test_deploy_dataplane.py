@@ -439,3 +439,13 @@ def test_a_client_process_killed_mid_round_is_dropped_and_the_round_completes(to
     assert any(n.startswith("server.0.") for n in compared) and "rng.main_server" in compared
     assert all(torch.equal(got[n], want[n]) for n in compared), [n for n in compared if not torch.equal(got[n], want[n])]
     assert all(torch.equal(t, reference.clients[1].adapter.tensors[n]) for n, t in fed.clients[1].adapter.tensors.items())
+
+
+def test_train_engine_dataplane_honours_cut_precision_and_server_chunks(tmp_path):
+    """An int8 cut and a chunked main server travel through the data plane as they run in process."""
+    config = TrainConfig(clients=3, rounds=1, local_steps=2, batch_size=4, train_samples=48, eval_samples=8,
+                         act_bits=8, server_chunk=2, generate=False)
+    run_train(config, tmp_path / "local", progress=False)
+    run_train(config.model_copy(update={"engine": "dataplane"}), tmp_path / "dp", progress=False)
+    got, want = load_file(tmp_path / "dp" / "state.safetensors"), load_file(tmp_path / "local" / "state.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
