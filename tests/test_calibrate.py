@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from sflllm.allocation.optimize import optimise
 from sflllm.allocation.scenario import load_scenario, realise, scenario_from_mapping
 from sflllm.cli import app
-from sflllm.experiments.calibrate import CalibrateOptions, default_target, rounds_table, run_calibrate
-from sflllm.experiments.closed_loop import RunOptions, plan_run
+from sflllm.experiments.run_options import CalibrateOptions, RunOptions
+from sflllm.experiments.calibrate import default_target, rounds_table, run_calibrate
+from sflllm.experiments.closed_loop import plan_run
 from sflllm.experiments.config import TrainInputError, read_config_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")

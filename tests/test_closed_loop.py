@@ -19,7 +19,8 @@ from sflllm.allocation.scenario import load_scenario, realise
 from sflllm.cli import app
 from sflllm.cost.delay import SystemTimes, evaluate_delay
 from sflllm.cost.profile import CostNumbers
-from sflllm.experiments.closed_loop import RunOptions, run_closed_loop
+from sflllm.experiments.closed_loop import run_closed_loop
+from sflllm.experiments.run_options import RunOptions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = dict(train_samples=48, eval_samples=16)
@@ -246,3 +247,33 @@ def test_offline_default_run_prints_the_headline_and_the_report(tmp_path, monkey
     assert metrics["target_loss"] == closed_loop.DEMO_TARGET_LOSS
     assert metrics["methods"]["proposed"]["time_to_target_s"] is not None
     shutil.rmtree("runs")
+
+
+def test_q_act_follows_the_dtype_where_the_scenario_does_not_set_it(tiny_scenario_file, tmp_path):
+    """spec §2's q_act: --act-bits, else the scenario's model.act_bits, else the bits of --dtype; the pairs
+    train in that dtype on that device."""
+    plan = closed_loop.plan_run(RunOptions(scenario=str(tiny_scenario_file), dtype="bfloat16", device="cpu", **TINY))
+    assert plan.act_bits == 16 and any("follows --dtype bfloat16" in note for note in plan.overrides)
+    assert {(c.dtype, c.device, c.act_bits) for c in plan.train_configs.values()} == {("bfloat16", "cpu", 16)}
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(tiny_scenario_file.read_text().replace("model: {seq_len: 104}", "model: {seq_len: 104, act_bits: 32}"))
+    assert closed_loop.plan_run(RunOptions(scenario=str(fixed), dtype="bfloat16", **TINY)).act_bits == 32
+    assert closed_loop.plan_run(RunOptions(scenario=str(fixed), dtype="bfloat16", act_bits=8, **TINY)).act_bits == 8
+    assert closed_loop.plan_run(RunOptions(scenario=str(tiny_scenario_file), **TINY)).act_bits == 32
+
+
+@pytest.mark.parametrize("command", ["run", "calibrate"])
+def test_every_option_field_is_a_flag_and_bad_values_name_it(command, tmp_path):
+    """run's and calibrate's flags are derived from their options models (declared once); a bad --dtype or
+    --device is one line naming the field, and nothing is written."""
+    from sflllm.experiments.run_options import CalibrateOptions
+
+    fields = (RunOptions if command == "run" else CalibrateOptions).model_fields
+    help_text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+    for name in fields:
+        assert "--" + name.replace("_", "-") in help_text, name
+    out = tmp_path / "out"
+    for flag, value, needle in (("--dtype", "float64", "dtype"), ("--device", "gpu", "device"),
+                                ("--act-bits", "12", "act_bits")):
+        result = runner.invoke(app, [command, "--quiet", flag, value, "--output", str(out)])
+        _assert_clean_error(result, out, needle)

@@ -361,3 +361,15 @@ def test_the_demo_hint_runs_the_readme_examples():
         for value in hint.split(flag + " ")[1:]:
             assert f"{flag} {value.split()[0].rstrip('`')}" in readme, (flag, value.split()[0])
     assert "--seq-len" not in hint  # the default (auto) fits the data
+
+
+def test_train_takes_an_integer_choice_from_the_command_line(tmp_path):
+    """`--act-bits 8` is an int Literal field: the flag parses as an integer (the one error here is --rank's)."""
+    from typer.testing import CliRunner
+
+    from sflllm.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", "--act-bits", "8", "--rank", "0", "--output", str(out)])
+    assert result.exit_code == 2 and "rank" in result.stderr and "act_bits" not in result.stderr, result.stderr
+    assert not out.exists()

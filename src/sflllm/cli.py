@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from sflllm.experiments.config import TrainConfig
+from sflllm.experiments.run_options import CalibrateOptions, RunOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -43,23 +46,34 @@ def main(
     """sflllm: split federated LoRA fine-tuning over communication networks."""
 
 
-def _train_option(name: str, field: FieldInfo) -> inspect.Parameter:
-    """The ``--name`` option of one TrainConfig field: its type, help and default come from the field.
+def _option_kind(annotation: Any) -> Any:
+    """The command-line type of a field: bool, int or float as declared (an int Literal is int), a
+    repeatable ``list[str]`` for tuple fields; str otherwise (Literal choices, "auto", comma-separated
+    lists: pydantic checks them)."""
+    kinds = [t for t in get_args(annotation) if t is not type(None)] if get_origin(annotation) in (Union, UnionType) \
+        else [annotation]
+    kind = kinds[0] if len(kinds) == 1 else str
+    if get_origin(kind) is Literal and all(type(v) is int for v in get_args(kind)):
+        return int
+    if get_origin(kind) is tuple:
+        return list[str]
+    return kind if kind in (bool, int, float) else str
+
+
+def _field_option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The ``--name`` option of one options-model field: its type, help and default come from the field.
 
     Every option defaults to None (not given), so that only the flags a user passes override the
-    ``--config`` file; the help shows the field's own default.
+    ``--config`` file (train) or a model's defaults (run, calibrate); the help shows the field's own default.
     """
-    annotation = field.annotation
     flag = (field.json_schema_extra or {}).get("flag") or "--" + name.replace("_", "-")
-    if annotation in (bool, bool | None):
+    kind = _option_kind(field.annotation)
+    if kind is bool:
         flag = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
-        kind: type = bool
-    else:  # Literal choices, "auto" and comma-separated lists are strings; pydantic checks them
-        kind = next((t for t in (int, float) if annotation in (t, t | None)), str)
     help_text, default = field.description or "", field.default
     if default is None and "; None: " in help_text:
         help_text, default = help_text.split("; None: ", 1)
-    shown = str(default).lower() if isinstance(default, bool) else str(default)
+    shown = str(default).lower() if isinstance(default, bool) else "none" if default == () else str(default)
     option = typer.Option(flag, help=help_text[:1].upper() + help_text[1:] + ".", show_default=shown)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[kind | None, option])
@@ -141,7 +155,7 @@ _CONFIG_OPTION = inspect.Parameter(
     annotation=Annotated[Path | None, typer.Option("--config", help="YAML 1.2 file of TrainConfig fields; flags override it.")],
 )
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [_CONFIG_OPTION, *(_train_option(name, field) for name, field in TrainConfig.model_fields.items()), *_run_options()]
+    [_CONFIG_OPTION, *(_field_option(name, field) for name, field in TrainConfig.model_fields.items()), *_run_options()]
 )
 app.command()(train)
 
@@ -287,27 +301,20 @@ def _report_errors(work) -> None:
             raise typer.Exit(code=2) from None
 
 
-# Options shared by `sflllm run` and `sflllm calibrate` (declared once).
-ScenarioOption = Annotated[Path | None, typer.Option(help="Scenario YAML (spec §6): K, I, b, s, seed, ranks, E(r), clients, network (default: the built-in demo scenario).")]
-ModelOption = Annotated[str | None, typer.Option(help="HF model name or local dir (default: built-in tiny demo model).")]
-DataOption = Annotated[str | None, typer.Option(help="Training data: .csv (mr,ref), .jsonl or hub dataset (default: synthetic E2E-style).")]
-EvalDataOption = Annotated[str | None, typer.Option(help="Held-out data (default: held-out MRs of --data).")]
-TrainSamplesOption = Annotated[int | None, typer.Option(help="Use at most this many training examples.")]
-EvalSamplesOption = Annotated[int, typer.Option(help="Held-out examples for the held-out loss.")]
-ActBitsOption = Annotated[int | None, typer.Option(help="Bits per value at the cut, both directions: 32 | 16 | 8 (default: the scenario's model.act_bits).")]
-LrOption = Annotated[float | None, typer.Option(help="Learning rate (default: sflllm train's).")]
-OutputOption = Annotated[Path | None, typer.Option(help="Output dir (default: runs/<timestamp>).")]
-ResumeOption = Annotated[Path | None, typer.Option(help="Continue the interrupted work in this output dir (with its saved options).")]
-QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
-_RUN_DEFAULTS = {"eval_samples": 64, "fading": "static", "max_rounds": 20}
+_COMMON_OPTIONS = {
+    "output": (Path | None, typer.Option(help="Output dir.", show_default="runs/<timestamp>")),
+    "resume": (Path | None, typer.Option(help="Continue the interrupted work in this output dir (with its saved options).")),
+    "quiet": (bool | None, typer.Option("--quiet", help="No progress bars.", show_default=False)),
+}
 
 
-def _launch(module: str, options_class: str, function: str, flags: dict, output: Path | None, resume: Path | None,
-            quiet: bool) -> None:
-    """Validate ``flags`` into ``module.options_class`` and call ``module.function`` (or resume DIR with its
+def _launch(cls: type[BaseModel], module: str, function: str, options: dict[str, Any]) -> None:
+    """Validate the given ``options`` into ``cls`` and call ``module.function`` (or resume DIR with its
     saved options); bad input is one ``error:`` line and exit code 2."""
+    output, resume, quiet = (options.pop(k) for k in ("output", "resume", "quiet"))
     if quiet:
         _hide_loading_bars()
+    flags = {k: v for k, v in options.items() if v is not None}
 
     def work() -> None:
         import importlib
@@ -316,73 +323,46 @@ def _launch(module: str, options_class: str, function: str, flags: dict, output:
 
         from sflllm.experiments.config import TrainInputError, describe_validation_error
 
-        target = importlib.import_module(module)
-        cls, go = getattr(target, options_class), getattr(target, function)
-        flag_values = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
-                       for k, v in flags.items() if v is not None}
+        go = getattr(importlib.import_module(module), function)
         if resume is not None:
-            given = sorted(k for k, v in flag_values.items() if v != _RUN_DEFAULTS.get(k))
-            if given or output is not None:
-                dropped = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--output"
+            if flags or output is not None:
+                dropped = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(flags)) or "--output"
                 raise TrainInputError(f"--resume continues DIR with its saved options; drop {dropped}")
             go(cls(), resume, progress=not quiet, resume=True)
             return
         try:
-            options = cls.model_validate(flag_values)
+            validated = cls.model_validate(flags)
         except ValidationError as e:
             raise TrainInputError(f"options: {describe_validation_error(e)}") from None
-        go(options, output, progress=not quiet)
+        go(validated, output, progress=not quiet)
 
     _report_errors(work)
 
 
-@app.command()
-def run(
-    scenario: ScenarioOption = None,
-    model: ModelOption = None,
-    data: DataOption = None,
-    eval_data: EvalDataOption = None,
-    train_samples: TrainSamplesOption = None,
-    eval_samples: EvalSamplesOption = 64,
-    calibration: Annotated[list[Path] | None, typer.Option(help="An `sflllm calibrate` output folder: use its measured E(r) and target loss. Repeat it with folders calibrated at other --act-bits (same --target-loss) and the search also chooses the precision.")] = None,
-    fading: Annotated[str, typer.Option(help="static | block (redraw small-scale fading and re-solve the allocation every round).")] = "static",
-    act_bits: ActBitsOption = None,
-    rounds: Annotated[int | None, typer.Option(help="Rounds to train each (l, r) (default: the largest E(r) among the methods' ranks).")] = None,
-    target_loss: Annotated[float | None, typer.Option(help="Held-out loss to reach (default: the calibration's, else the highest final loss of the trained pairs).")] = None,
-    lr: LrOption = None,
-    output: OutputOption = None,
-    resume: ResumeOption = None,
-    quiet: QuietOption = False,
-) -> None:
-    """Optimise the network for the trained model, train with the choice and every baseline's, compare time to accuracy.
+def _options_command(name: str, cls: type[BaseModel], module: str, function: str, doc: str) -> None:
+    """Register ``sflllm NAME``: one option per field of ``cls`` (declared once, there), then --output,
+    --resume and --quiet; the command validates them and calls ``module.function``."""
 
-    Writes report.md, metrics.json, curves.csv and PNGs (held-out loss against simulated wall-clock time).
-    With no options: offline, on the built-in tiny model, synthetic data and the demo scenario.
-    """
-    flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
-    _launch("sflllm.experiments.closed_loop", "RunOptions", "run_closed_loop", flags, output, resume, quiet)
+    def command(**options: Any) -> None:
+        _launch(cls, module, function, options)
+
+    command.__doc__ = doc
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*(_field_option(field, info) for field, info in cls.model_fields.items()),
+         *(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, info])
+           for option, (kind, info) in _COMMON_OPTIONS.items())]
+    )
+    app.command(name)(command)
 
 
-@app.command()
-def calibrate(
-    scenario: ScenarioOption = None,
-    model: ModelOption = None,
-    data: DataOption = None,
-    eval_data: EvalDataOption = None,
-    train_samples: TrainSamplesOption = None,
-    eval_samples: EvalSamplesOption = 64,
-    split_layer: Annotated[int | None, typer.Option(help="Split layer of the calibration runs (default: the middle block).")] = None,
-    max_rounds: Annotated[int, typer.Option(help="Rounds to train each rank.")] = 20,
-    target_loss: Annotated[float | None, typer.Option(help="Held-out loss that defines E(r) (default: best final loss over the ranks + 5% of the drop).")] = None,
-    act_bits: ActBitsOption = None,
-    lr: LrOption = None,
-    output: OutputOption = None,
-    resume: ResumeOption = None,
-    quiet: QuietOption = False,
-) -> None:
-    """Measure E(r), the rounds each LoRA rank needs to reach a target held-out loss.
+_options_command("run", RunOptions, "sflllm.experiments.closed_loop", "run_closed_loop", """\
+Optimise the network for the trained model, train with the choice and every baseline's, compare time to accuracy.
 
-    Writes rounds_per_rank.yaml (a scenario fragment; `sflllm run --calibration DIR` uses it), curves.csv and a PNG.
-    """
-    flags = {k: v for k, v in locals().items() if k not in ("output", "resume", "quiet")}
-    _launch("sflllm.experiments.calibrate", "CalibrateOptions", "run_calibrate", flags, output, resume, quiet)
+Writes report.md, metrics.json, curves.csv and PNGs (held-out loss against simulated wall-clock time).
+With no options: offline, on the built-in tiny model, synthetic data and the demo scenario.
+""")
+_options_command("calibrate", CalibrateOptions, "sflllm.experiments.calibrate", "run_calibrate", """\
+Measure E(r), the rounds each LoRA rank needs to reach a target held-out loss.
+
+Writes rounds_per_rank.yaml (a scenario fragment; `sflllm run --calibration DIR` uses it), curves.csv and a PNG.
+""")

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
 from rich.console import Console
 
 from sflllm.allocation.scenario import ScenarioError, realise
 from sflllm.experiments.checkpoint import write_atomic, write_json_atomic
+from sflllm.experiments.run_options import CalibrateOptions, cut_bits
 from sflllm.experiments.run_inputs import (
-    TrainingInputs,
     load_run_scenario,
     pair_train_config,
     train_pair,
@@ -58,14 +57,6 @@ OPTIONS_FILE = "calibrate.yaml"
 RUNS_DIR = "runs"
 DEFAULT_MARGIN = 0.05  # share of the loss drop (initial - best final) added to the best final loss
 CALIBRATION_SCHEMA = "sflllm.calibration/1"
-
-
-class CalibrateOptions(TrainingInputs):
-    """What ``sflllm calibrate`` was asked to do (saved as ``DIR/calibrate.yaml`` for ``--resume``)."""
-
-    split_layer: int | None = Field(None, ge=1, description="None: the middle block floor(L/2)")
-    max_rounds: int = Field(20, ge=1)
-    target_loss: float | None = Field(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -130,7 +121,7 @@ def run_calibrate(options: CalibrateOptions, output_dir: Path | None = None, *, 
         options = saved_options(out, OPTIONS_FILE, CalibrateOptions)
 
     scenario = load_run_scenario(options)
-    act_bits = scenario.model.act_bits if options.act_bits is None else options.act_bits
+    act_bits = cut_bits(options, scenario)
     scenario = scenario.model_copy(update={"model": scenario.model.model_copy(update={"act_bits": act_bits})})
     model, _ = load_model_and_tokenizer(pair_train_config(options, scenario, 1, 1, 32, 1))
     profile = model_profile(model, scenario.model.lora_targets)
@@ -174,7 +165,7 @@ def run_calibrate(options: CalibrateOptions, output_dir: Path | None = None, *, 
     calibration = {
         "schema": CALIBRATION_SCHEMA, "model": source, "architecture": architecture_digest(profile),
         "clients": scenario.clients.count, "local_steps": training.local_steps, "batch_size": training.batch_size,
-        "seq_len": scenario.model.seq_len, "act_bits": act_bits, "seed": scenario.seed,
+        "seq_len": scenario.model.seq_len, "act_bits": act_bits, "dtype": options.dtype, "seed": scenario.seed,
         "data": data_source(options.data), "eval_data": data_source(options.eval_data),
         "train_samples": options.train_samples, "split_layer": split_layer,
         "max_rounds": options.max_rounds, "target_loss": target, "target_source": how,

@@ -27,22 +27,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
 from rich.console import Console
 
 from sflllm.allocation.optimize import BASELINES, Outcome, optimise
 from sflllm.allocation.rounds import FADING, RoundAllocation, round_allocations
 from sflllm.allocation.scenario import Realised, Scenario, ScenarioError, realise, scenario_from_mapping, scenario_to_yaml
-from sflllm.cost.profile import ModelProfile
+from sflllm.cost.profile import ModelProfile, activation_bits
 from sflllm.experiments.calibrate import read_calibration, rounds_to_reach
 from sflllm.experiments.checkpoint import write_atomic
 from sflllm.experiments.config import TrainConfig, TrainInputError, config_to_yaml
+from sflllm.experiments.run_options import RunOptions, cut_bits
 from sflllm.experiments.run_inputs import (
     DEMO_SCENARIO,
     DEMO_TARGET_LOSS,
-    TrainingInputs,
     architecture_digest,
     check_ranks,
     data_source,
@@ -64,17 +63,6 @@ MODEL_CONFIG_FILE = "model_config.json"
 PAIRS_DIR = "pairs"
 RUN_METRICS_SCHEMA = "sflllm.run.metrics/1"
 
-class RunOptions(TrainingInputs):
-    """What ``sflllm run`` was asked to do (saved as ``DIR/run.yaml``; ``--resume`` reads it back)."""
-
-    calibration: tuple[str, ...] = Field((), description="`sflllm calibrate` output folders: their E(r) is used; "
-                                         "several, measured at different act_bits, let the search choose the precision")
-    fading: Literal["static", "block"] = "static"
-    rounds: int | None = Field(None, ge=1,
-                               description="rounds to train each pair; None: the largest E(r) among the methods' ranks")
-    target_loss: float | None = Field(None, gt=0, description="None: calibration's target, else the loosest final loss")
-
-
 @dataclass(frozen=True)
 class Plan:
     """Everything decided before training: the realised scenario, the optimiser's outcome, what to train."""
@@ -86,9 +74,9 @@ class Plan:
     method_pairs: dict[str, tuple[int, int]]
     rounds: int
     act_bits: int
-    train_configs: dict[str, TrainConfig]   # pair key -> config (incl. the 32-bit reference, if any)
+    train_configs: dict[str, TrainConfig]   # pair key -> config (incl. the reference, if any)
     method_keys: dict[str, str]              # method -> pair key
-    reference_key: str | None                # the 32-bit trace of proposed's pair when act_bits < 32
+    reference_key: str | None                # proposed's pair with an unquantised cut (the dtype's bits) when act_bits is below them
     target_loss: float | None
     target_source: str
     overrides: tuple[str, ...]
@@ -103,7 +91,7 @@ def _pair_key(l: int, r: int, bits: int) -> str:
 
 def _check_calibration(cal: dict[str, Any], folder: Path, scenario: Scenario, source: str, digest: str,
                        act_bits: int, options: RunOptions) -> None:
-    """The calibration must come from this model and the scenario's K, I, b, s, act_bits, data and seed."""
+    """The calibration must come from this model and the scenario's K, I, b, s, act_bits, dtype, data and seed."""
     if cal.get("model") != source or cal.get("architecture") != digest:
         raise TrainInputError(f"calibration: {folder} was measured on model {cal.get('model')!r}, "
                               f"but this run trains {source!r}; calibrate this model first")
@@ -111,9 +99,10 @@ def _check_calibration(cal: dict[str, Any], folder: Path, scenario: Scenario, so
     expected = {"clients": scenario.clients.count, "local_steps": training.local_steps,
                 "batch_size": training.batch_size, "seq_len": scenario.model.seq_len, "act_bits": act_bits,
                 "seed": scenario.seed, "data": data_source(options.data), "eval_data": data_source(options.eval_data),
-                "train_samples": options.train_samples}
+                "train_samples": options.train_samples, "dtype": options.dtype}
+    recorded = {"dtype": "float32"}  # calibrations written before --dtype existed trained in float32
     for key, value in expected.items():
-        if cal.get(key) != value:
+        if cal.get(key, recorded.get(key)) != value:
             raise TrainInputError(f"calibration: {folder} was measured with {key}={cal.get(key)!r}, "
                                   f"this run has {key}={value!r}; calibrate with the same scenario and data")
 
@@ -161,11 +150,14 @@ def plan_run(options: RunOptions) -> Plan:
     if len(options.calibration) > 1 and options.act_bits is not None:
         raise TrainInputError("--act-bits: with several --calibration folders the search chooses the precision; "
                               "drop --act-bits or keep one calibration")
-    act_bits = scenario.model.act_bits if options.act_bits is None else options.act_bits
+    act_bits = cut_bits(options, scenario)
     if act_bits not in (32, 16, 8):
         raise TrainInputError(f"model.act_bits: {act_bits} is not a cut precision sflllm trains with (32, 16 or 8)")
-    if act_bits != scenario.model.act_bits:
+    if options.act_bits is not None and act_bits != scenario.model.act_bits:
         overrides.append(f"--act-bits {act_bits} overrides the scenario's model.act_bits = {scenario.model.act_bits}")
+    elif act_bits != scenario.model.act_bits:
+        overrides.append(f"act_bits = {act_bits}: the scenario does not set model.act_bits, so q_act follows "
+                         f"--dtype {options.dtype}")
 
     probe = TrainConfig(model=options.model, lora_targets=scenario.model.lora_targets)
     model, _ = load_model_and_tokenizer(probe)
@@ -221,10 +213,11 @@ def plan_run(options: RunOptions) -> Plan:
         if key not in train_configs:
             train_configs[key] = pair_train_config(options, scenario, l, r, act_bits, rounds)
     reference_key = None
-    if act_bits != 32:
+    native = activation_bits(options.dtype)  # a cut of the base dtype, unquantised: the reference precision
+    if act_bits < native:
         l, r = method_pairs["proposed"]
-        reference_key = _pair_key(l, r, 32)
-        train_configs[reference_key] = pair_train_config(options, scenario, l, r, 32, rounds)
+        reference_key = _pair_key(l, r, native)
+        train_configs[reference_key] = pair_train_config(options, scenario, l, r, native, rounds)
     prepare(train_configs[method_keys["proposed"]])  # model, data, partition, split layer: errors now, not later
     return Plan(options=options, scenario=scenario, realised=realised, outcome=outcome, method_pairs=method_pairs,
                 rounds=rounds, act_bits=act_bits, train_configs=train_configs, method_keys=method_keys,
@@ -285,14 +278,14 @@ def compose(plan: Plan, traces: dict[str, dict[str, Any]], pair_dirs: dict[str, 
                for m in METHODS}
     precision = None
     if plan.reference_key is not None:
-        scenario32 = plan.scenario.model_copy(update={"model": plan.scenario.model.model_copy(update={"act_bits": 32})})
-        realised32 = realise(scenario32, plan.realised.profile)
-        alloc32 = round_allocations(realised32, {"proposed": plan.method_pairs["proposed"]}, plan.rounds,
-                                    plan.options.fading)["proposed"]
-        ref = method_record("proposed", traces[plan.reference_key], alloc32, plan.reference_key, target)
+        native = plan.train_configs[plan.reference_key].act_bits
+        realised_native = realise(_with_bits(plan.scenario, native), plan.realised.profile)
+        alloc_native = round_allocations(realised_native, {"proposed": plan.method_pairs["proposed"]}, plan.rounds,
+                                         plan.options.fading)["proposed"]
+        ref = method_record("proposed", traces[plan.reference_key], alloc_native, plan.reference_key, target)
         ours = methods["proposed"]
         precision = {
-            "act_bits": plan.act_bits, "reference_bits": 32, "pair": plan.reference_key,
+            "act_bits": plan.act_bits, "reference_bits": native, "pair": plan.reference_key,
             "final_heldout_loss": ours["final_heldout_loss"], "reference_final_heldout_loss": ref["final_heldout_loss"],
             "final_loss_cost": ours["final_heldout_loss"] - ref["final_heldout_loss"],
             "max_round_loss_gap": max(abs(a["heldout_loss"] - b["heldout_loss"])
@@ -367,7 +360,7 @@ def run_closed_loop(options: RunOptions, output_dir: Path | None = None, *, cons
     traces: dict[str, dict[str, Any]] = {}
     pair_dirs: dict[str, str] = {}
     for n, (key, config) in enumerate(plan.train_configs.items(), start=1):
-        users = [m for m, k in plan.method_keys.items() if k == key] or ["32-bit reference"]
+        users = [m for m, k in plan.method_keys.items() if k == key] or ["unquantised reference"]
         console.print(f"[bold]pair {n}/{len(plan.train_configs)}[/]: l = {config.split_layer}, r = {config.rank}, "
                       f"{config.act_bits}-bit cut, for {', '.join(users)}", highlight=False)
         folder = out / PAIRS_DIR / key

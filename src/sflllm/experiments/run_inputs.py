@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from sflllm.allocation.scenario import Scenario, ScenarioError, load_scenario, scenario_from_mapping
 from sflllm.cost.profile import ModelProfile, profile_from_config
 from sflllm.experiments.config import TrainConfig, TrainInputError, describe_validation_error, read_config_file
+from sflllm.experiments.run_options import TrainingInputs
 from sflllm.experiments.train import (
     METRICS_FILE,
     STATE_FILE,
@@ -35,21 +36,6 @@ DEMO_SCENARIO: dict[str, Any] = {
     "network": {"ms_subchannels": 12, "fs_subchannels": 6},
 }
 DEMO_TARGET_LOSS = 3.4
-
-
-class TrainingInputs(BaseModel):
-    """The options ``sflllm run`` and ``sflllm calibrate`` share: scenario, model, data, lr, cut precision."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    scenario: str | None = Field(None, description="scenario YAML (spec §6); None: the built-in demo scenario")
-    model: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    train_samples: int | None = Field(None, ge=1)
-    eval_samples: int = Field(64, ge=1)
-    lr: float | None = Field(None, gt=0)
-    act_bits: Literal[32, 16, 8] | None = Field(None, description="None: the scenario's model.act_bits")
 
 
 def model_source(model: str | None) -> str:
@@ -107,7 +93,8 @@ def pair_train_config(options: TrainingInputs, scenario: Scenario, l: int, r: in
                   train_samples=options.train_samples, eval_samples=options.eval_samples,
                   clients=scenario.clients.count, split_layer=l, rank=r, lora_targets=scenario.model.lora_targets,
                   local_steps=scenario.training.local_steps, batch_size=scenario.training.batch_size,
-                  seq_len=scenario.model.seq_len, seed=scenario.seed, act_bits=bits, rounds=rounds)
+                  seq_len=scenario.model.seq_len, seed=scenario.seed, act_bits=bits, rounds=rounds,
+                  device=options.device, dtype=options.dtype)
     if options.lr is not None:
         values["lr"] = options.lr
     try:

@@ -144,13 +144,13 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str]) -> str:
     precision = metrics.get("precision")
     if precision is not None:
         out += ["## Cost of the cut precision (measured)", "",
-                f"Proposed's (l, r) trained again with a 32-bit cut on the same data and seed: final held-out loss "
-                f"{precision['final_heldout_loss']:.4f} at {precision['act_bits']} bits vs "
-                f"{precision['reference_final_heldout_loss']:.4f} at 32 bits (difference "
+                f"Proposed's (l, r) trained again with a {precision['reference_bits']}-bit cut on the same data and seed: "
+                f"final held-out loss {precision['final_heldout_loss']:.4f} at {precision['act_bits']} bits vs "
+                f"{precision['reference_final_heldout_loss']:.4f} at {precision['reference_bits']} bits (difference "
                 f"{precision['final_loss_cost']:+.4f}; largest per-round gap {precision['max_round_loss_gap']:.4f}). "
                 f"Time to target: {_seconds(precision['time_to_target_s'])} at {precision['act_bits']} bits vs "
-                f"{_seconds(precision['reference_time_to_target_s'])} at 32 bits (T_round at 32 bits "
-                f"{precision['reference_round_delay_s']:.4g} s).", ""]
+                f"{_seconds(precision['reference_time_to_target_s'])} at {precision['reference_bits']} bits (T_round at "
+                f"{precision['reference_bits']} bits {precision['reference_round_delay_s']:.4g} s).", ""]
     search = metrics.get("precision_search")
     if search:
         best = min(search.values(), key=lambda row: row["planned_total_delay_s"])["planned_total_delay_s"]
