@@ -310,11 +310,16 @@ def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
     assert f"interrupted after round 1; continue with: sflllm train --resume {tmp_path / 'run'}" in result.output
 
 
-@pytest.mark.parametrize("args", [["--lr", "inf"], ["--rank", "0"], ["--output", "FILE/sub"]])
+@pytest.mark.parametrize("args", [
+    ["train", "--lr", "inf"], ["train", "--rank", "0"], ["train", "--output", "FILE/sub"],
+    ["train", "--data", "missing.csv"], ["train", "--eval-data", "FILE.jsonl"],
+    ["run", "--data", "missing.csv"], ["run", "--dtype", "float64"], ["calibrate", "--eval-data", "missing.jsonl"],
+])
 def test_option_and_path_errors_come_before_torch_loads(tmp_path, args):
     (tmp_path / "FILE").write_text("x")
+    (tmp_path / "FILE.jsonl").mkdir()
     code = ("import sys; from typer.testing import CliRunner; from sflllm.cli import app; "
-            f"r = CliRunner().invoke(app, ['train', *{args!r}]); "
+            f"r = CliRunner().invoke(app, {args!r}); "
             "print(r.exit_code, 'torch' in sys.modules, 'transformers' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": REPO_SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -373,3 +378,12 @@ def test_train_takes_an_integer_choice_from_the_command_line(tmp_path):
     result = CliRunner().invoke(app, ["train", "--act-bits", "8", "--rank", "0", "--output", str(out)])
     assert result.exit_code == 2 and "rank" in result.stderr and "act_bits" not in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_a_missing_or_directory_data_file_is_one_line(tmp_path):
+    _one_error_line(_cli("train", "--data", tmp_path / "missing.csv", "--output", tmp_path / "run"),
+                    "data: no such file", "missing.csv")
+    (tmp_path / "dir.jsonl").mkdir()
+    _one_error_line(_cli("run", "--eval-data", tmp_path / "dir.jsonl", "--output", tmp_path / "run"),
+                    "eval_data: not a file", "dir.jsonl")
+    assert not (tmp_path / "run").exists()

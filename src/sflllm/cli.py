@@ -323,18 +323,21 @@ def _launch(cls: type[BaseModel], module: str, function: str, options: dict[str,
 
         from sflllm.experiments.config import TrainInputError, describe_validation_error
 
-        go = getattr(importlib.import_module(module), function)
         if resume is not None:
             if flags or output is not None:
                 dropped = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(flags)) or "--output"
                 raise TrainInputError(f"--resume continues DIR with its saved options; drop {dropped}")
-            go(cls(), resume, progress=not quiet, resume=True)
-            return
-        try:
-            validated = cls.model_validate(flags)
-        except ValidationError as e:
-            raise TrainInputError(f"options: {describe_validation_error(e)}") from None
-        go(validated, output, progress=not quiet)
+            validated = cls()
+        else:
+            try:  # the options model is torch-free: bad options are reported before torch loads
+                validated = cls.model_validate(flags)
+            except ValidationError as e:
+                raise TrainInputError(f"options: {describe_validation_error(e)}") from None
+        go = getattr(importlib.import_module(module), function)
+        if resume is not None:
+            go(validated, resume, progress=not quiet, resume=True)
+        else:
+            go(validated, output, progress=not quiet)
 
     _report_errors(work)
 

@@ -22,6 +22,9 @@ MAX_YAML_BYTES = 4 * 1024 * 1024  # a realised 50-client x 500-subchannel scenar
 MAX_ECHO_CHARS = 200  # error messages quote at most this much of a user's value
 
 
+DATA_FILE_SUFFIXES = (".csv", ".jsonl")  # what a local E2E data file may be (sflllm.data reads both)
+
+
 class FileInputError(ValueError):
     """A file that cannot be read or written as asked; the message names it."""
 
@@ -157,3 +160,20 @@ def write_atomic(path: str | Path, data: bytes) -> None:
             os.close(dir_fd)
     except OSError as err:
         raise FileInputError(f"cannot write {path}: {_reason(err)}") from None
+
+
+def local_data_file(source: str | Path) -> Path | None:
+    """The local file a data source names: a path ending in .csv or .jsonl, or any path that exists;
+    None for a Hugging Face hub dataset name.  A local source never falls back to the hub."""
+    path = Path(source)
+    return path if path.suffix.lower() in DATA_FILE_SUFFIXES or path.exists() else None
+
+
+def check_data_source(source: str | None) -> str | None:
+    """``source`` unchanged, or ValueError when it names a local file that is missing or not a file
+    (torch-free, so ``sflllm train`` / ``run`` / ``calibrate`` report it before anything heavy loads)."""
+    path = None if source is None else local_data_file(source)
+    if path is not None and not path.is_file():
+        problem = "not a file" if path.exists() else "no such file"
+        raise ValueError(f"{problem}: {echo(str(path))} (expected an E2E .csv or .jsonl file, or a hub dataset name)")
+    return source

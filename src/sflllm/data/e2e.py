@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sflllm.files import local_data_file
+
 #: The eight E2E slots, in the order the official MRs list them.
 E2E_SLOTS: tuple[str, ...] = (
     "name",
@@ -178,8 +180,8 @@ def load_examples(source: str | Path) -> list[Example]:
     Hugging Face hub dataset name with an optional split (``"e2e_nlg:validation"``; default
     ``train``). A path that ends in .csv/.jsonl or exists locally never falls back to the hub.
     """
-    path = Path(source)
-    if path.suffix.lower() in {".csv", ".jsonl"} or path.exists():
+    path = local_data_file(source)
+    if path is not None:
         if not path.exists():
             raise FileNotFoundError(f"E2E data file not found: {path}")
         if not path.is_file():

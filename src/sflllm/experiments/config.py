@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from sflllm.files import MAX_ECHO_CHARS, FileInputError, echo, load_yaml, yaml_engine
+from sflllm.files import MAX_ECHO_CHARS, FileInputError, check_data_source, echo, load_yaml, yaml_engine
 
 
 class TrainInputError(ValueError):
     """Bad user input (config, model, data, partition, checkpoint): reported in one line, exit code 2."""
+
+
+DataSource = Annotated[str | None, AfterValidator(check_data_source)]
+"""A data option: a local .csv/.jsonl file (checked to exist when the options are read) or a hub dataset name."""
 
 
 class TrainConfig(BaseModel):
@@ -30,10 +34,10 @@ class TrainConfig(BaseModel):
 
     # what to train on
     model: str | None = Field(None, description="HF model name or local dir; None: built-in tiny demo model")
-    data: str | None = Field(
+    data: DataSource = Field(
         None, description="training data: .csv (mr,ref), .jsonl or hub dataset; None: synthetic E2E-style data"
     )
-    eval_data: str | None = Field(None, description="held-out data; None: held-out MRs of the training data")
+    eval_data: DataSource = Field(None, description="held-out data; None: held-out MRs of the training data")
     train_samples: int | None = Field(None, ge=1, description="use at most this many training examples; None: all")
 
     # the protocol (spec section 1)

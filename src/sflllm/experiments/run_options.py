@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sflllm.allocation.scenario import Scenario
 from sflllm.cost.profile import activation_bits
-from sflllm.experiments.config import TrainConfig
+from sflllm.experiments.config import DataSource, TrainConfig
 
 
 def _train_field(name: str) -> Any:
@@ -27,9 +27,9 @@ class TrainingInputs(BaseModel):
     scenario: str | None = Field(None, description="scenario YAML (spec §6): K, I, b, s, seed, ranks, E(r), clients, "
                                  "network; None: the built-in demo scenario")
     model: str | None = Field(None, description="HF model name or local dir; None: the built-in tiny demo model")
-    data: str | None = Field(None, description="training data: .csv (mr,ref), .jsonl or hub dataset; "
+    data: DataSource = Field(None, description="training data: .csv (mr,ref), .jsonl or hub dataset; "
                              "None: synthetic E2E-style")
-    eval_data: str | None = Field(None, description="held-out data; None: held-out MRs of --data")
+    eval_data: DataSource = Field(None, description="held-out data; None: held-out MRs of --data")
     train_samples: int | None = Field(None, ge=1, description="use at most this many training examples; None: all")
     eval_samples: int = Field(64, ge=1, description="held-out examples for the held-out loss")
     lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="AdamW learning rate; None: sflllm train's")
