@@ -103,15 +103,34 @@ def test_the_cut_tensors_in_both_directions_are_quantised(monkeypatch, bits):
         assert any(not torch.equal(state[n], reference.state_dict()[n]) for n in lora)
 
 
+def _relative_gap(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """max over floating tensors of max |state - reference| / max |reference|."""
+    return max(float((state[n].double() - reference[n].double()).abs().max() / reference[n].double().abs().max().clamp_min(1e-12))
+               for n in reference if reference[n].is_floating_point())
+
+
+def _two_rounds(bits: int, client_batching: str) -> dict[str, torch.Tensor]:
+    federation = _demo_federation(bits, client_batching)
+    for r in range(2):
+        federation.run_round(r)
+    return federation.state_dict()
+
+
 @pytest.mark.parametrize("bits", [16, 8])
 def test_batched_clients_send_the_same_quantised_cut_as_sequential_ones(bits):
-    sequential, batched = _demo_federation(bits, "sequential"), _demo_federation(bits, "batched")
-    for r in range(2):
-        sequential.run_round(r)
-        batched.run_round(r)
-    reference, state = sequential.state_dict(), batched.state_dict()
-    for name in reference:
-        torch.testing.assert_close(state[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    """Batched clients quantise the cut as sequential ones do.  The two client passes differ in the
+    last float32 bit; bfloat16 rounding turns such a difference into a whole bfloat16 step (2**-8) on
+    the few elements whose rounding it flips (which ones depends on the CPU's kernels), so at 16 bits
+    the check is relative: batched stays 10x closer to sequential at the same bits than the
+    quantisation moves training away from the 32-bit cut (measured 2e-4 vs 9e-3).  int8 (one scale
+    per token) absorbs it: there the states agree to float tolerance."""
+    sequential, batched = _two_rounds(bits, "sequential"), _two_rounds(bits, "batched")
+    if bits == 8:
+        for name in sequential:
+            torch.testing.assert_close(batched[name], sequential[name], rtol=1e-4, atol=1e-6, msg=name)
+    else:
+        quantisation = _relative_gap(sequential, _two_rounds(32, "sequential"))
+        assert _relative_gap(batched, sequential) < 0.1 * quantisation, (_relative_gap(batched, sequential), quantisation)
 
 
 INT8_TOLERANCE = 0.02  # nats/token: 8-bit cut vs 32-bit cut, held-out loss after 4 rounds (measured: see test)
