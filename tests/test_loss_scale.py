@@ -253,6 +253,19 @@ def test_the_scale_grows_after_growth_interval_finite_iterations():
     assert iterate(fed, 7) == [2.0**16] * 3 + [2.0**17] * 3 + [2.0**18]
 
 
+@pytest.mark.parametrize("mode", ["sfl", "centralized", "fl", "sl"])
+def test_every_mode_trains_in_float16_with_the_scale(mode):
+    """Forced overflows (initial scale 2**24): steps are skipped, S backs off, and every mode still learns."""
+    fed = federation(sizes=(7, 9), scaler=LossScaler(init_scale=2.0**24), mode=mode, local_steps=4)
+    losses = [fed.run_round(r)["train_loss"] for r in range(4)]
+    state = fed.state_dict()
+    assert state["loss_scale.scale"].item() < 2.0**24 and state["loss_scale.due"].item() == 1
+    iterations = 4 * 4 * (2 if mode == "sl" else 1)  # sl relays the adapter through the 2 clients
+    assert min(int(v) for n, v in state.items() if n.endswith(".step")) < iterations  # some steps were skipped
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    assert losses[-1] < losses[0], losses
+
+
 def test_sfl_single_client_equals_centralized_in_float16():
     """K=1 with overflows (initial scale 2**24, growth every 2 iterations): SFL and centralized see the
     same scales and skip the same steps, and end with the same adapters to float16 tolerance."""

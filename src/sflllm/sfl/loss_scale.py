@@ -27,7 +27,8 @@ One process holds all of GradScaler's state; in SFL the parties are apart.  So (
   iteration t+1's ``scale(loss)``: the sequence of scales, and so every step, is GradScaler's.
   Across a round boundary (FedAvg) the update waits for the next round's first activations; the
   state (``S``, the count, whether an update is due, each adapter's last ``found_inf``) is in the
-  checkpoint, so a resumed run is bit-identical.
+  checkpoint, so a resumed run is bit-identical.  A client dropped from a round (the data plane)
+  reports with its next activations, if it comes back; the update goes on without it meanwhile.
 
 The constants are GradScaler's defaults (tested against ``torch.amp.GradScaler``); the unscale and
 the update run torch's own GradScaler kernels (``torch._amp_foreach_non_finite_check_and_unscale_``,
