@@ -51,10 +51,6 @@ class Adapter:
         self._found_inf = torch.zeros(1, device=device) if loss_scaling else None
 
     @property
-    def loss_scaling(self) -> bool:
-        return self._found_inf is not None
-
-    @property
     def found_inf(self) -> bool:
         """Whether the last :meth:`step` found inf/nan in the gradients and skipped (False without loss scaling)."""
         return self._found_inf is not None and bool(self._found_inf.item())
