@@ -189,7 +189,7 @@ def malformed(cut):
     """name -> (request bytes, expected status, message pattern)."""
     b, s, d = cut.hidden.shape
     valid = encode_activations(cut)
-    fields = {"hidden": cut.hidden, "attention_mask": cut.attention_mask, "labels": cut.labels}
+    fields = cut.to_tensors()
     return {
         "wrong dtype": (encode(fields | {"hidden": cut.hidden.half()}), "INVALID_ARGUMENT",
                         r"hidden has \(4, 96, 32\) torch\.float16"),
@@ -199,6 +199,10 @@ def malformed(cut):
                          r"labels has \(4, 95\)"),
         "missing field": (encode({"hidden": cut.hidden, "labels": cut.labels}), "INVALID_ARGUMENT",
                           r"fields \['hidden', 'labels'\], expected"),
+        "found_inf not a flag": (encode(fields | {"found_inf": torch.tensor([2], dtype=torch.uint8)}),
+                                 "INVALID_ARGUMENT", r"found_inf has \(1,\) torch\.uint8, expected one torch\.uint8 0 or 1"),
+        "found_inf on a float32 cut": (encode(fields | {"found_inf": torch.tensor([1], dtype=torch.uint8)}),
+                                       "INVALID_ARGUMENT", r"found_inf is True, expected a bool, False for a torch\.float32"),
         "truncated": (valid[:-10], "INVALID_ARGUMENT", "not a valid safetensors payload"),
         "garbage": (b"\x00\x01not a tensor", "INVALID_ARGUMENT", "not a valid safetensors payload"),
         "10x size": (valid * 10, "RESOURCE_EXHAUSTED", "larger than max"),

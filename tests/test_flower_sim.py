@@ -66,6 +66,17 @@ def test_flower_sim_resumes_a_local_run_with_per_client_server_adapters(tmp_path
     assert_same_run(tmp_path / "mixed", tmp_path / "local", mixed.metrics, local.metrics)
 
 
+@pytest.mark.slow
+def test_flower_sim_equals_local_in_float16(tmp_path):
+    """A float16 base: the loss scale's fields (found_inf up, loss_scale down) and the adapters'
+    found_inf in the client state travel through Flower; the run equals the local engine's."""
+    pytest.importorskip("ray", reason="Flower's simulation backend (flwr[simulation]) is not installed")
+    local = run_train(demo_config(dtype="float16"), tmp_path / "local", progress=False)
+    flower = run_train(demo_config(dtype="float16", engine="flower-sim"), tmp_path / "flower", progress=False)
+    assert "loss_scale.scale" in load_file(tmp_path / "local" / "state.safetensors")
+    assert_same_run(tmp_path / "flower", tmp_path / "local", flower.metrics, local.metrics)
+
+
 def test_flower_sim_runs_mode_sfl_only():
     with pytest.raises(TrainInputError, match="engine: 'flower-sim' applies to mode 'sfl' only, not 'fl'"):
         resolve_config({"mode": "fl", "engine": "flower-sim"}, {})
@@ -87,12 +98,14 @@ def test_tensors_travel_as_raw_bytes_exactly(dtype):
 def test_cut_payloads_round_trip():
     labels = torch.full((2, 6), -100, dtype=torch.int64)
     labels[:, 2:] = 3
-    cut = CutActivations(torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.int64), labels)
+    cut = CutActivations(torch.randn(2, 6, 8).half(), torch.ones(2, 6, dtype=torch.int64), labels, found_inf=True)
     back = records_to_activations(activations_to_records(cut), "client 0")
     for field in ("hidden", "attention_mask", "labels"):
         assert torch.equal(getattr(back, field), getattr(cut, field))
-    grads = CutGradients(torch.randn(2, 6, 8))
-    assert torch.equal(records_to_gradients(gradients_to_records(grads)).grad, grads.grad)
+    assert back.found_inf is True  # float16's loss scale: the client's last step skipped
+    grads = CutGradients(torch.randn(2, 6, 8).half(), loss_scale=2.0**15)
+    back_grads = records_to_gradients(gradients_to_records(grads))
+    assert torch.equal(back_grads.grad, grads.grad) and back_grads.loss_scale == 2.0**15
 
 
 def raw(dtype: str, shape: tuple[int, ...], nbytes: int, stype: str = RAW) -> Array:

@@ -153,9 +153,11 @@ def test_bfloat16_sfl_single_client_equals_centralized(family):
     assert_close(results["sfl"], results["centralized"], atol=2e-3)
 
 
-def test_bfloat16_stories260k_learns(stories260k_dir, e2e_dir, tmp_path):
-    """The real pretrained model with bfloat16 base weights: SFL over 3 clients lowers the held-out loss."""
-    config = TrainConfig(model=str(stories260k_dir), data=str(e2e_dir / "devset.csv"), dtype="bfloat16",
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_stories260k_learns(stories260k_dir, e2e_dir, tmp_path, dtype):
+    """The real pretrained model with bfloat16 (or float16, with its loss scale) base weights: SFL over
+    3 clients lowers the held-out loss."""
+    config = TrainConfig(model=str(stories260k_dir), data=str(e2e_dir / "devset.csv"), dtype=dtype,
                          clients=3, rounds=3, local_steps=3, batch_size=4, train_samples=120, eval_samples=24,
                          seq_len=192, lr=5e-3, rank=8, split_layer=2)
     metrics = run_train(config, tmp_path / "run", progress=False).metrics

@@ -95,7 +95,8 @@ def test_dropout_is_on_and_streams_differ_per_party(tokenizer, data):
 
 
 def test_main_server_receives_only_cut_payloads(tokenizer, data, monkeypatch):
-    """What reaches the main server is CutActivations (hidden, attention mask, labels): no token ids."""
+    """What reaches the main server is CutActivations (hidden, attention mask, labels, the float16
+    loss scale's found_inf flag): no token ids."""
     seen = []
     for name in ("serve_shared", "serve_per_client"):
         real = getattr(protocol, name)
@@ -111,7 +112,8 @@ def test_main_server_receives_only_cut_payloads(tokenizer, data, monkeypatch):
     assert len(seen) == 2 * 2 * 3
     for cut in seen:
         assert type(cut) is CutActivations
-        assert [f.name for f in dataclasses.fields(cut)] == ["hidden", "attention_mask", "labels"]
+        assert [f.name for f in dataclasses.fields(cut)] == ["hidden", "attention_mask", "labels", "found_inf"]
+        assert cut.found_inf is False  # float32: no loss scale
         assert cut.hidden.dtype == torch.float32 and cut.hidden.shape[-1] == 32
         assert not cut.hidden.requires_grad
     assert not hasattr(main_server, "Batch")  # the main server module has no notion of a client batch

@@ -43,7 +43,18 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from sflllm.sfl import Adapter, CutActivations, CutGradients, CutSpec, PartyRng, check_activations, main_server_step
+from sflllm.sfl import (
+    ACTIVATION_FIELDS,
+    GRADIENT_FIELDS,
+    Adapter,
+    CutActivations,
+    CutGradients,
+    CutSpec,
+    LossScaler,
+    PartyRng,
+    check_activations,
+    main_server_step,
+)
 
 LOG = logging.getLogger("sflllm.deploy")
 
@@ -55,9 +66,8 @@ ROUND_KEY = "sflllm-round"
 ITERATION_KEY = "sflllm-iteration"
 HEADER_BYTES = 4096
 """Room for a payload's safetensors header (JSON with each field's name, dtype, shape and offsets:
-under 300 bytes for the three activation fields; 4 KiB leaves ample margin)."""
-ACTIVATION_FIELDS = ("attention_mask", "hidden", "labels")
-GRADIENT_FIELDS = ("grad",)
+under 400 bytes for the four activation fields) and the one-value fields (``found_inf``, ``loss_scale``:
+9 bytes); 4 KiB leaves ample margin."""
 
 
 class DataPlaneError(RuntimeError):
@@ -87,21 +97,22 @@ def decode(data: bytes, fields: Sequence[str], what: str) -> dict[str, Tensor]:
 
 
 def encode_activations(cut: CutActivations) -> bytes:
-    return encode({"hidden": cut.hidden, "attention_mask": cut.attention_mask, "labels": cut.labels})
+    return encode(cut.to_tensors())
 
 
 def decode_activations(data: bytes, sender: str) -> CutActivations:
     """The CutActivations in ``data`` (decoded; :func:`~sflllm.sfl.check_activations` judges them)."""
-    t = decode(data, ACTIVATION_FIELDS, f"{sender}: CutActivations")
-    return CutActivations(t["hidden"], t["attention_mask"], t["labels"])
+    what = f"{sender}: CutActivations"
+    return CutActivations.from_tensors(decode(data, ACTIVATION_FIELDS, what), what)
 
 
 def encode_gradients(grads: CutGradients) -> bytes:
-    return encode({"grad": grads.grad})
+    return encode(grads.to_tensors())
 
 
 def decode_gradients(data: bytes, sender: str = "main server") -> CutGradients:
-    return CutGradients(decode(data, GRADIENT_FIELDS, f"{sender}: CutGradients")["grad"])
+    what = f"{sender}: CutGradients"
+    return CutGradients.from_tensors(decode(data, GRADIENT_FIELDS, what), what)
 
 
 def _rows_and_length(spec: CutSpec) -> tuple[int, int]:
@@ -158,12 +169,13 @@ class MainServerPlane:
     while the main server computes (a one-process rehearsal shares torch's global RNG between
     parties, see :mod:`sflllm.sfl.rng`).  ``max_clients`` bounds a round's clients: each one waiting
     at the barrier holds one of the gRPC server's worker threads (:func:`serve` makes enough).
+    ``loss_scaler`` is the main server's loss scale, for a float16 cut (:func:`~sflllm.sfl.main_server_step`).
     """
 
     def __init__(self, server_module: torch.nn.Module, adapters: Sequence[Adapter], rng: PartyRng, spec: CutSpec,
                  token: str, *, client_timeout: float = 30.0,
                  compute_lock: AbstractContextManager[Any] | None = None, max_clients: int = 64,
-                 server_chunk: int | None = None) -> None:
+                 server_chunk: int | None = None, loss_scaler: LossScaler | None = None) -> None:
         if not token:
             raise ValueError("the data plane needs a non-empty per-run token")
         if not (client_timeout > 0 and math.isfinite(client_timeout)):
@@ -176,6 +188,7 @@ class MainServerPlane:
         self.client_timeout = client_timeout
         self.max_clients = max_clients
         self.server_chunk = server_chunk
+        self.loss_scaler = loss_scaler
         self._token = token.encode("utf-8")
         self._compute_lock = compute_lock if compute_lock is not None else nullcontext()
         self._cond = threading.Condition()
@@ -310,7 +323,7 @@ class MainServerPlane:
             with self._compute_lock:
                 losses, grads = main_server_step(self.server_module, adapters, self.rng,
                                                  [it.cuts[k] for k in clients], self.spec,
-                                                 server_chunk=self.server_chunk)
+                                                 server_chunk=self.server_chunk, loss_scaler=self.loss_scaler)
         except Exception as err:  # reported to every waiting client, and the server keeps serving
             LOG.exception("main server step failed on iteration %d", iteration)
             it.error = f"{type(err).__name__}: {err}"

@@ -47,7 +47,8 @@ class DataPlaneRehearsal:
         token = secrets.token_urlsafe(32)
         self._plane = MainServerPlane(fed.split.server, fed.servers, fed.server_rng, fed.cut_spec, token,
                                       client_timeout=self.client_timeout, compute_lock=self._lock,
-                                      max_clients=fed.num_clients, server_chunk=fed.hyper.server_chunk)
+                                      max_clients=fed.num_clients, server_chunk=fed.hyper.server_chunk,
+                                      loss_scaler=fed.loss_scaler)
         self._server, port = serve(self._plane, f"{self.host}:0", certificate, private_key)
         self._clients = [DataPlaneClient(f"{self.host}:{port}", certificate, token, k, fed.cut_spec,
                                          timeout=self.client_timeout + 600)

@@ -118,7 +118,7 @@ class TrainConfig(BaseModel):
     # numerics (part of the trajectory: a run cannot resume in another dtype)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the frozen base weights and of the cut tensors; LoRA tensors and AdamW "
-        "state stay float32",
+        "state stay float32; float16 trains with a dynamic loss scale (GradScaler's semantics)",
     )
 
     @field_validator("seq_len", mode="wrap")

@@ -64,30 +64,27 @@ def record_to_tensors(record: object, what: str) -> dict[str, Tensor]:
     return tensors
 
 
-def _fields(content: RecordDict, key: str, names: tuple[str, ...], what: str) -> dict[str, Tensor]:
+def _record(content: RecordDict, key: str, what: str) -> dict[str, Tensor]:
     if key not in content:
         raise ValueError(f"{what}: message carries no {key!r} record")
-    tensors = record_to_tensors(content[key], what)
-    if sorted(tensors) != sorted(names):
-        raise ValueError(f"{what}: fields {sorted(tensors)}, expected {sorted(names)}")
-    return tensors
+    return record_to_tensors(content[key], what)
 
 
 def activations_to_records(cut: CutActivations) -> RecordDict:
-    return RecordDict({CUT: tensors_to_record(
-        {"hidden": cut.hidden, "attention_mask": cut.attention_mask, "labels": cut.labels})})
+    return RecordDict({CUT: tensors_to_record(cut.to_tensors())})
 
 
 def records_to_activations(content: RecordDict, sender: str) -> CutActivations:
     """The CutActivations in a message from ``sender`` (decoded and size-checked, not yet judged
     against the cut spec: :func:`sflllm.sfl.main_server_step` does that)."""
-    t = _fields(content, CUT, ("hidden", "attention_mask", "labels"), f"{sender}: CutActivations")
-    return CutActivations(t["hidden"], t["attention_mask"], t["labels"])
+    what = f"{sender}: CutActivations"
+    return CutActivations.from_tensors(_record(content, CUT, what), what)
 
 
 def gradients_to_records(grads: CutGradients) -> RecordDict:
-    return RecordDict({GRAD: tensors_to_record({"grad": grads.grad})})
+    return RecordDict({GRAD: tensors_to_record(grads.to_tensors())})
 
 
 def records_to_gradients(content: RecordDict, sender: str = "main server") -> CutGradients:
-    return CutGradients(_fields(content, GRAD, ("grad",), f"{sender}: CutGradients")["grad"])
+    what = f"{sender}: CutGradients"
+    return CutGradients.from_tensors(_record(content, GRAD, what), what)

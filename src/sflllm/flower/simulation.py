@@ -304,7 +304,8 @@ class FlowerSimulation:
                     RecordDict() if g is None else gradients_to_records(g) for g in grads
                 ])
                 cuts = [records_to_activations(reply, f"client {k}") for k, reply in enumerate(replies)]
-                step_losses, grads = main_server_step(fed.split.server, fed.servers, fed.server_rng, cuts, fed.cut_spec)
+                step_losses, grads = main_server_step(fed.split.server, fed.servers, fed.server_rng, cuts, fed.cut_spec,
+                                                     loss_scaler=fed.loss_scaler)
                 losses += step_losses
                 if progress is not None:
                     progress(i + 1, steps)

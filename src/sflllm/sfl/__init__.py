@@ -17,8 +17,17 @@ from sflllm.sfl.batched import (
 from sflllm.sfl.client import Batch, ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast, fedavg
 from sflllm.sfl.federation import LOCAL_ITERATIONS, Federation, Hyper, RoundEngine, make_federation
+from sflllm.sfl.loss_scale import LossScaler, ScaleState, loss_scaling_applies, updated_scale
 from sflllm.sfl.precision import ACT_BITS, quantize_cut
-from sflllm.sfl.messages import CutActivations, CutGradients, CutSpec, check_activations, check_gradients
+from sflllm.sfl.messages import (
+    ACTIVATION_FIELDS,
+    GRADIENT_FIELDS,
+    CutActivations,
+    CutGradients,
+    CutSpec,
+    check_activations,
+    check_gradients,
+)
 from sflllm.sfl.protocol import (
     PendingBackward,
     client_step_backward,
@@ -31,6 +40,7 @@ from sflllm.sfl.protocol import (
 from sflllm.sfl.rng import PartyRng, party_seed
 
 __all__ = [
+    "ACTIVATION_FIELDS",
     "ACT_BITS",
     "CLIENT_BATCHINGS",
     "LOCAL_ITERATIONS",
@@ -43,11 +53,14 @@ __all__ = [
     "CutGradients",
     "CutSpec",
     "Federation",
+    "GRADIENT_FIELDS",
     "GroupedLoRA",
     "Hyper",
+    "LossScaler",
     "PartyRng",
     "PendingBackward",
     "RoundEngine",
+    "ScaleState",
     "aggregate_and_broadcast",
     "batched_backward",
     "batched_forward",
@@ -57,6 +70,7 @@ __all__ = [
     "client_step_backward",
     "client_step_forward",
     "fedavg",
+    "loss_scaling_applies",
     "full_model_step",
     "main_server_step",
     "make_federation",
@@ -64,4 +78,5 @@ __all__ = [
     "quantize_cut",
     "recompute_forward",
     "split_iteration",
+    "updated_scale",
 ]

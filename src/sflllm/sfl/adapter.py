@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from sflllm.sfl.loss_scale import unscale_and_check
+
 ADAM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -23,9 +25,14 @@ class Adapter:
     The AdamW state is created eagerly with the same values ``torch.optim.AdamW`` creates lazily at
     its first step (step 0, zero moments), so the set of state tensors never changes and a resumed
     run is bit-identical to an uninterrupted one.
+
+    With ``loss_scaling`` (a float16 base, :mod:`sflllm.sfl.loss_scale`) its gradients are of a scaled
+    loss: :meth:`step` unscales them and skips the step when they are not finite, and the adapter
+    keeps whether its last step found inf/nan (:attr:`found_inf`, part of its state).
     """
 
-    def __init__(self, initial: Mapping[str, Tensor], *, lr: float, weight_decay: float) -> None:
+    def __init__(self, initial: Mapping[str, Tensor], *, lr: float, weight_decay: float,
+                 loss_scaling: bool = False) -> None:
         self.tensors: dict[str, Tensor] = {
             name: t.detach().clone().requires_grad_(True) for name, t in initial.items()
         }
@@ -40,11 +47,32 @@ class Adapter:
             for index, t in enumerate(self.tensors.values())
         }
         self.optimizer.load_state_dict(group_state)
+        device = next(iter(self.tensors.values())).device
+        self._found_inf = torch.zeros(1, device=device) if loss_scaling else None
 
-    def step(self) -> None:
-        """One AdamW step from the gradients accumulated on the tensors; then drop the gradients."""
-        self.optimizer.step()
+    @property
+    def found_inf(self) -> bool:
+        """Whether the last :meth:`step` found inf/nan in the gradients and skipped (False without loss scaling)."""
+        return self._found_inf is not None and bool(self._found_inf.item())
+
+    def step(self, loss_scale: float = 1.0) -> bool:
+        """One AdamW step from the gradients accumulated on the tensors; then drop the gradients.
+
+        With loss scaling the gradients are first divided by ``loss_scale`` (the S they were multiplied
+        by) and checked: if any is inf/nan the step is skipped (GradScaler.step).  Returns whether it was.
+        """
+        if self._found_inf is None:
+            if loss_scale != 1.0:
+                raise ValueError(f"this adapter trains without loss scaling, got loss_scale {loss_scale!r}")
+            found_inf = False
+        else:
+            grads = [t.grad for t in self.tensors.values() if t.grad is not None]
+            found_inf = unscale_and_check(grads, loss_scale)
+            self._found_inf.fill_(float(found_inf))
+        if not found_inf:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return found_inf
 
     def set_gradients(self, grads: Mapping[str, Tensor]) -> None:
         for name, g in grads.items():
@@ -64,4 +92,6 @@ class Adapter:
             state[f"{prefix}.lora.{name}"] = t
             for field in ADAM_FIELDS:
                 state[f"{prefix}.adamw.{name}.{field}"] = opt_state[t][field]
+        if self._found_inf is not None:
+            state[f"{prefix}.found_inf"] = self._found_inf
         return state

@@ -133,15 +133,18 @@ def batched_forward(client_module: nn.Module, clients: Sequence[ClientState], *,
     with grouped_lora(client_module, [client.adapter.tensors for client in clients]), torch.enable_grad():
         hidden = client_module(input_ids, attention_mask)
     parts = torch.split(quantize_cut(hidden.detach(), act_bits), [len(b) for b in batches])
-    return hidden, [CutActivations(h, b.attention_mask, b.labels) for h, b in zip(parts, batches, strict=True)]
+    return hidden, [CutActivations(h, b.attention_mask, b.labels, client.adapter.found_inf)
+                    for h, b, client in zip(parts, batches, clients, strict=True)]
 
 
 def batched_backward(hidden: Tensor, clients: Sequence[ClientState], gradients: Sequence[CutGradients]) -> None:
     """Back-propagate the K received activation gradients through the one batched forward, then one AdamW
-    step per client.  Every payload is checked before anything is back-propagated."""
+    step per client (each unscaled by its payload's ``loss_scale`` and skipped on its own inf/nan, as
+    :func:`~sflllm.sfl.client_step_backward` does).  Every payload is checked before anything is
+    back-propagated."""
     rows = hidden.shape[0] // len(clients)
     for k, payload in enumerate(gradients):
         check_gradients(payload, hidden[k * rows : (k + 1) * rows], sender=f"main server (to client {k})")
     hidden.backward(torch.cat([g.grad for g in gradients]))
-    for client in clients:
-        client.adapter.step()
+    for client, payload in zip(clients, gradients, strict=True):
+        client.adapter.step(payload.loss_scale)

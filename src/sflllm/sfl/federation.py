@@ -18,7 +18,9 @@ Each party draws its dropout masks from its own random stream seeded from ``(see
 (:mod:`sflllm.sfl.rng`), so the result does not depend on the order in which clients run.
 Optimizers are AdamW per party (per client adapter, per server adapter); no gradient clipping
 (global clipping would couple the parties and break the K=1 equivalence with centralized).
-Client AdamW moments are local and are not averaged by FedAvg.
+Client AdamW moments are local and are not averaged by FedAvg.  With a float16 base every mode trains
+with one dynamic loss scale held by the main server (:mod:`sflllm.sfl.loss_scale`, GradScaler's
+semantics: each party skips its own step on inf/nan, the scale backs off if any party did).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.batched import CLIENT_BATCHINGS, ClientBatching, check_batchable
 from sflllm.sfl.client import ClientState, Cursor
 from sflllm.sfl.federated_server import aggregate_and_broadcast
+from sflllm.sfl.loss_scale import LossScaler, loss_scaling_applies
 from sflllm.sfl.messages import CutSpec
 from sflllm.sfl.precision import check_act_bits
 from sflllm.sfl.protocol import full_model_step, split_iteration
@@ -165,8 +168,10 @@ class Federation:
         self._client_full_names = {name: full_name[id(p)] for name, p in client_init.items()}
         self._server_full_names = {name: full_name[id(p)] for name, p in server_init.items()}
 
+        loss_scaling = loss_scaling_applies(split.full.dtype)
+
         def adapter(init: dict[str, Tensor]) -> Adapter:
-            return Adapter(init, lr=hyper.lr, weight_decay=hyper.weight_decay)
+            return Adapter(init, lr=hyper.lr, weight_decay=hyper.weight_decay, loss_scaling=loss_scaling)
 
         device = model_device(split.full)  # every party's tensors, batches and streams follow the model
 
@@ -184,6 +189,8 @@ class Federation:
         per_client_server = mode == "fl" or hyper.server_adapter == "per_client"
         self.servers = [adapter(server_init) for _ in range(K if per_client_server else 1)]
         self.server_rng = PartyRng(hyper.seed, "main_server", device)
+        # the main server's dynamic loss scale (float16 base only; GradScaler's defaults)
+        self.loss_scaler = LossScaler() if loss_scaling else None
         if mode == "sfl" and hyper.client_batching == "batched":
             check_batchable(split.client, list(client_init))  # refused now, not in the first round
         self.cut_spec = CutSpec(
@@ -270,11 +277,14 @@ class Federation:
 
     def state_dict(self) -> dict[str, Tensor]:
         """Everything needed to resume bit-identically, as a flat dict of tensors (safetensors-safe):
-        adapters, AdamW moments and step counts, data cursors ``(epoch, position)`` and every party's RNG state."""
+        adapters, AdamW moments and step counts, data cursors ``(epoch, position)`` and every party's RNG state;
+        with a float16 base also the loss scale and each adapter's last ``found_inf`` (:mod:`sflllm.sfl.loss_scale`)."""
         state = {name: t.detach().clone() for name, t in self._live_state().items()}
         for k, client in enumerate(self.clients):
             state |= stream_state(k, client)
         state["rng.main_server"] = self.server_rng.state.clone()
+        if self.loss_scaler is not None:
+            state |= self.loss_scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -283,6 +293,9 @@ class Federation:
         check_state(state, self.state_dict(), "federation state")
         for k, client in enumerate(self.clients):
             check_cursor(state, k, client)
+        check_found_inf(state, "federation state")
+        if self.loss_scaler is not None:
+            self.loss_scaler.load_state_dict(state)  # validated first; changes nothing on error
         with torch.no_grad():
             for name, live in self._live_state().items():
                 live.copy_(state[name])
@@ -298,7 +311,7 @@ def sfl_local_iterations(fed: Federation, progress: Progress | None) -> list[flo
     for i in range(fed.hyper.local_steps):
         losses += split_iteration(fed.split.client, fed.split.server, fed.clients, fed.servers,
                                   fed.server_rng, fed.cut_spec, client_batching=fed.hyper.client_batching,
-                                  server_chunk=fed.hyper.server_chunk)
+                                  server_chunk=fed.hyper.server_chunk, loss_scaler=fed.loss_scaler)
         _report(progress, i + 1, fed.hyper.local_steps)
     return losses
 
@@ -309,18 +322,23 @@ def sl_local_iterations(fed: Federation, progress: Progress | None) -> list[floa
     for k, client in enumerate(fed.clients):
         for i in range(steps):
             losses += split_iteration(fed.split.client, fed.split.server, [client], fed.servers,
-                                      fed.server_rng, fed.cut_spec)
+                                      fed.server_rng, fed.cut_spec, loss_scaler=fed.loss_scaler)
             _report(progress, k * steps + i + 1, steps * fed.num_clients)
     return losses
 
 
 def full_model_local_iterations(fed: Federation, progress: Progress | None) -> list[float]:
-    """centralized (one pooled client) and fl: I whole-model steps per client, no cut."""
+    """centralized (one pooled client) and fl: I whole-model steps per client, no cut.  With a float16
+    base one loss scale serves every step of an iteration and is updated before the next from every
+    adapter's ``found_inf``, as the main server does in sfl (:mod:`sflllm.sfl.loss_scale`)."""
     losses: list[float] = []
     for i in range(fed.hyper.local_steps):
+        scale = 1.0
+        if fed.loss_scaler is not None:
+            scale = fed.loss_scaler.update([a.found_inf for a in fed.client_adapters + fed.servers])
         for client, server in zip(fed.clients, fed.servers, strict=True):
             lora = fed.full_model_lora(client.adapter, server)
-            losses.append(full_model_step(fed.split.full, client, lora, [client.adapter, server]))
+            losses.append(full_model_step(fed.split.full, client, lora, [client.adapter, server], loss_scale=scale))
         _report(progress, i + 1, fed.hyper.local_steps)
     return losses
 
@@ -388,6 +406,13 @@ def client_state(k: int, client: ClientState) -> dict[str, Tensor]:
     return state | stream_state(k, client)
 
 
+def check_found_inf(state: Mapping[str, Tensor], what: str) -> None:
+    """ValueError naming the first ``*.found_inf`` key of ``state`` that holds neither 0 nor 1."""
+    for name, t in state.items():
+        if name.endswith(".found_inf") and float(t.item()) not in (0.0, 1.0):
+            raise ValueError(f"{what} key {name!r}: {float(t.item())!r} is not 0 or 1")
+
+
 def check_cursor(state: Mapping[str, Tensor], k: int, client: ClientState) -> None:
     epoch, position = (int(v) for v in state[f"cursor.{k}"])
     if epoch < 0 or not 0 <= position < client.num_examples:
@@ -405,6 +430,7 @@ def load_client_state(state: Mapping[str, Tensor], k: int, client: ClientState) 
     """Restore :func:`client_state` into ``client`` (validated first: nothing changes on error)."""
     check_state(state, client_state(k, client), f"client {k} state")
     check_cursor(state, k, client)
+    check_found_inf(state, f"client {k} state")
     with torch.no_grad():
         for name, live in client.adapter.live_state(f"client.{k}").items():
             live.copy_(state[name])

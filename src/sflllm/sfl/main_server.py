@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from sflllm.model import lm_loss
 from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.loss_scale import scale_loss
 from sflllm.sfl.messages import CutActivations
 
 
@@ -47,11 +48,12 @@ def server_losses(server_module: torch.nn.Module, lora: dict[str, Tensor], activ
 
 
 def serve_shared(server_module: torch.nn.Module, adapter: Adapter, cuts: Sequence[CutActivations], *,
-                 server_chunk: int | None = None) -> tuple[list[float], list[Tensor]]:
+                 server_chunk: int | None = None, loss_scale: float = 1.0) -> tuple[list[float], list[Tensor]]:
     """One MS iteration with the single shared server adapter.
 
-    Returns the K losses and the K activation gradients d loss_k / d activations_k.  The adapter
-    takes one AdamW step on d (1/K sum_k loss_k) / d W_server.
+    Returns the K losses and the K activation gradients d (S loss_k) / d activations_k, S =
+    ``loss_scale`` (:mod:`sflllm.sfl.loss_scale`; 1 without scaling).  The adapter takes one AdamW
+    step on d (1/K sum_k loss_k) / d W_server (or skips it where float16 overflowed).
 
     ``server_chunk`` = N runs the K clients' activations in chunks of N clients (None: all K as one
     batch), accumulating the adapter's gradient over the chunks: the same gradients up to float
@@ -70,7 +72,8 @@ def serve_shared(server_module: torch.nn.Module, adapter: Adapter, cuts: Sequenc
         part = cuts[start : start + chunk]
         activations = received(part)
         part_losses = server_losses(server_module, adapter.tensors, activations, part)
-        grads = torch.autograd.grad(torch.stack(part_losses).sum(), [*activations, *adapter.tensors.values()])
+        grads = torch.autograd.grad(scale_loss(torch.stack(part_losses).sum(), loss_scale),
+                                    [*activations, *adapter.tensors.values()])
         activation_grads += grads[: len(part)]
         summed = grads[len(part) :]
         if adapter_grads is None:
@@ -79,21 +82,22 @@ def serve_shared(server_module: torch.nn.Module, adapter: Adapter, cuts: Sequenc
             adapter_grads = [a + g for a, g in zip(adapter_grads, summed, strict=True)]
         losses += [loss.detach() for loss in part_losses]
     adapter.set_gradients({n: g / num_clients for n, g in zip(adapter.tensors, adapter_grads, strict=True)})
-    adapter.step()
+    adapter.step(loss_scale)
     return [loss.item() for loss in losses], activation_grads
 
 
 def serve_per_client(server_module: torch.nn.Module, adapters: Sequence[Adapter],
-                     cuts: Sequence[CutActivations]) -> tuple[list[float], list[Tensor]]:
-    """One MS iteration with one server adapter per client, each stepped on its own client's loss."""
+                     cuts: Sequence[CutActivations], *, loss_scale: float = 1.0) -> tuple[list[float], list[Tensor]]:
+    """One MS iteration with one server adapter per client, each stepped on its own client's loss
+    (scaled by ``loss_scale`` as in :func:`serve_shared`)."""
     losses: list[float] = []
     activation_grads: list[Tensor] = []
     for adapter, cut in zip(adapters, cuts, strict=True):
         (act,) = received([cut])
         (loss,) = server_losses(server_module, adapter.tensors, [act], [cut])
-        grads = torch.autograd.grad(loss, [act, *adapter.tensors.values()])
+        grads = torch.autograd.grad(scale_loss(loss, loss_scale), [act, *adapter.tensors.values()])
         adapter.set_gradients(dict(zip(adapter.tensors, grads[1:], strict=True)))
-        adapter.step()
+        adapter.step(loss_scale)
         losses.append(loss.item())
         activation_grads.append(grads[0])
     return losses, activation_grads
