@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from sflllm.sfl.adapter import step_adapters
 from sflllm.sfl.client import Batch, ClientState
 from sflllm.sfl.messages import CutActivations, CutGradients, check_gradients
 from sflllm.sfl.precision import quantize_cut
@@ -138,10 +139,10 @@ def batched_forward(client_module: nn.Module, clients: Sequence[ClientState], *,
 
 def batched_backward(hidden: Tensor, clients: Sequence[ClientState], gradients: Sequence[CutGradients]) -> None:
     """Back-propagate the K received activation gradients through the one batched forward, then one AdamW
-    step per client.  Every payload is checked before anything is back-propagated."""
+    step per client (run together, :func:`~sflllm.sfl.adapter.step_adapters`).  Every payload is checked
+    before anything is back-propagated."""
     rows = hidden.shape[0] // len(clients)
     for k, payload in enumerate(gradients):
         check_gradients(payload, hidden[k * rows : (k + 1) * rows], sender=f"main server (to client {k})")
     hidden.backward(torch.cat([g.grad for g in gradients]))
-    for client in clients:
-        client.adapter.step()
+    step_adapters([client.adapter for client in clients])
