@@ -16,6 +16,7 @@ from sflllm.model import (
     build_demo_model,
     default_lora_targets,
     lm_loss,
+    lm_loss_groups,
     lm_loss_sum,
     load_pretrained,
     lora_parameters,
@@ -62,6 +63,32 @@ def test_lm_loss_rejects_bad_shapes_and_batches_without_targets() -> None:
     labels[:, 0] = 1  # the first label is never a target
     with pytest.raises(ValueError, match="no target token"):
         lm_loss(torch.zeros(2, 5, 7), labels)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3), min_size=1, max_size=7), seq_len=st.integers(2, 7), seed=st.integers(0, 2**16))
+def test_lm_loss_groups_is_the_loss_of_each_group(sizes: list[int], seq_len: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(sum(sizes), seq_len, 11, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 11, (sum(sizes), seq_len), generator=generator)
+    labels[torch.rand(sum(sizes), seq_len, generator=generator) < 0.3] = -100
+    labels[:, 1] = 0  # every group has a target token
+    got = lm_loss_groups(logits, labels, sizes)
+    want = torch.stack([lm_loss(part, lab) for part, lab in zip(logits.split(sizes), labels.split(sizes))])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    weights = torch.rand(len(sizes), generator=generator)  # the gradient of any mix of the group losses
+    (grad_got,) = torch.autograd.grad((weights * got).sum(), logits)
+    (grad_want,) = torch.autograd.grad((weights * want).sum(), logits)
+    torch.testing.assert_close(grad_got, grad_want, atol=1e-7, rtol=1e-6)
+
+
+def test_lm_loss_groups_rejects_bad_sizes_and_groups_without_targets() -> None:
+    labels = torch.ones(3, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="add up"):
+        lm_loss_groups(torch.zeros(3, 5, 7), labels, [1, 1])
+    labels[1:, 1:] = -100
+    with pytest.raises(ValueError, match="group 1 have no target token"):
+        lm_loss_groups(torch.zeros(3, 5, 7), labels, [1, 2])
 
 
 # ---------------------------------------------------------------- LoRA

@@ -114,9 +114,9 @@ def test_concatenated_server_batch_equals_per_client_passes(examples, tokenizer)
     acts = received(cuts)
     server_lora = lora_parameters(split.server)
     together = server_losses(split.server, server_lora, acts, cuts)
-    grads_together = torch.autograd.grad(torch.stack(together).sum(), acts)
+    grads_together = torch.autograd.grad(together.sum(), acts)
     apart = [server_losses(split.server, server_lora, [a], [c])[0] for a, c in zip(acts, cuts)]
-    torch.testing.assert_close(torch.stack(together), torch.stack(apart), atol=1e-6, rtol=0)
+    torch.testing.assert_close(together, torch.stack(apart), atol=1e-6, rtol=0)
     for k, (loss, act) in enumerate(zip(apart, acts)):  # client k gets the gradient of its own loss
         (own,) = torch.autograd.grad(loss, act)
         torch.testing.assert_close(grads_together[k], own, atol=1e-7, rtol=1e-5, msg=f"client {k}")

@@ -1,5 +1,6 @@
-"""Fast paths of the SFL engine against the plain one: batched clients == sequential clients, and a
-chunked main server == one server batch, to float tolerance, K in {1, 3, 7}."""
+"""Fast paths of the SFL engine against the plain one: batched clients == sequential clients, a
+chunked main server == one server batch, and K adapters' joint AdamW step == K separate steps, to
+float tolerance, K in {1, 3, 7}."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from sflllm.data import synthetic_examples
 from sflllm.model import lora_parameters
 from sflllm.sfl import CutActivations, Hyper, main_server_step, make_federation
-from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.adapter import Adapter, step_adapters
 from sflllm.sfl.batched import GroupedLoRA, batching_applies, draws_randomness, grouped_lora
 from sflllm.sfl.rng import PartyRng
 from test_sfl import assert_close, client_data, global_lora, tiny_split
@@ -46,6 +47,35 @@ def test_batched_clients_equal_sequential_clients(family, num_clients, tokenizer
         assert_close(bat.clients[k].adapter.live_state("c"), seq.clients[k].adapter.live_state("c"), atol=2e-6)
         assert bat.clients[k].cursor == seq.clients[k].cursor
         assert torch.equal(bat.clients[k].rng.state, seq.clients[k].rng.state)
+
+
+@pytest.mark.parametrize("num_clients", [1, 3, 7])
+def test_joint_adamw_step_equals_a_step_per_adapter(num_clients):
+    generator = torch.Generator().manual_seed(num_clients)
+    initial = {"a": torch.randn(4, 6, generator=generator), "b": torch.randn(6, 4, generator=generator)}
+
+    def adapters():
+        return [Adapter(initial, lr=1e-2, weight_decay=0.1) for _ in range(num_clients)]
+
+    apart, together = adapters(), adapters()
+    for _ in range(3):  # a step with different gradients per adapter, moments and step counts carried on
+        grads = [{n: torch.randn(t.shape, generator=generator) for n, t in initial.items()} for _ in apart]
+        for adapter, grad in zip(apart, grads):
+            adapter.set_gradients({n: g.clone() for n, g in grad.items()})
+            adapter.step()
+        for adapter, grad in zip(together, grads):
+            adapter.set_gradients({n: g.clone() for n, g in grad.items()})
+        step_adapters(together)
+    for k, (got, want) in enumerate(zip(together, apart)):
+        assert_close(got.live_state(f"client.{k}"), want.live_state(f"client.{k}"), atol=1e-7)
+        assert all(t.grad is None for t in got.tensors.values())
+    assert max(float((apart[0].tensors[n].detach() - initial[n]).abs().max()) for n in initial) > 1e-2  # it stepped
+
+
+def test_joint_adamw_step_refuses_adapters_with_different_settings():
+    initial = {"a": torch.ones(2, 2)}
+    with pytest.raises(ValueError, match="equal AdamW settings; adapter 1"):
+        step_adapters([Adapter(initial, lr=1e-2, weight_decay=0.0), Adapter(initial, lr=1e-3, weight_decay=0.0)])
 
 
 def test_grouped_lora_multiplies_each_group_by_its_own_weight():

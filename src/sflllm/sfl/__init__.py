@@ -5,7 +5,7 @@ The protocol's steps (:mod:`sflllm.sfl.protocol`) exchange only the typed cut pa
 :mod:`sflllm.sfl.messages`, so any runtime (in-process, Flower) can drive them.
 """
 
-from sflllm.sfl.adapter import Adapter
+from sflllm.sfl.adapter import Adapter, step_adapters
 from sflllm.sfl.batched import (
     CLIENT_BATCHINGS,
     ClientBatching,
@@ -78,5 +78,6 @@ __all__ = [
     "quantize_cut",
     "recompute_forward",
     "split_iteration",
+    "step_adapters",
     "updated_scale",
 ]

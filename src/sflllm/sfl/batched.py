@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from sflllm.sfl.adapter import step_adapters
 from sflllm.sfl.client import Batch, ClientState
 from sflllm.sfl.messages import CutActivations, CutGradients, check_gradients
 from sflllm.sfl.precision import quantize_cut
@@ -139,12 +140,11 @@ def batched_forward(client_module: nn.Module, clients: Sequence[ClientState], *,
 
 def batched_backward(hidden: Tensor, clients: Sequence[ClientState], gradients: Sequence[CutGradients]) -> None:
     """Back-propagate the K received activation gradients through the one batched forward, then one AdamW
-    step per client (each unscaled by its payload's ``loss_scale`` and skipped on its own inf/nan, as
-    :func:`~sflllm.sfl.client_step_backward` does).  Every payload is checked before anything is
-    back-propagated."""
+    step per client, run together (:func:`~sflllm.sfl.adapter.step_adapters`; each unscaled by its
+    payload's ``loss_scale`` and skipped on its own inf/nan, as :func:`~sflllm.sfl.client_step_backward`
+    does).  Every payload is checked before anything is back-propagated."""
     rows = hidden.shape[0] // len(clients)
     for k, payload in enumerate(gradients):
         check_gradients(payload, hidden[k * rows : (k + 1) * rows], sender=f"main server (to client {k})")
     hidden.backward(torch.cat([g.grad for g in gradients]))
-    for client, payload in zip(clients, gradients, strict=True):
-        client.adapter.step(payload.loss_scale)
+    step_adapters([client.adapter for client in clients], [payload.loss_scale for payload in gradients])

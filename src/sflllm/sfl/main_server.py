@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from sflllm.model import lm_loss
+from sflllm.model import lm_loss_groups
 from sflllm.sfl.adapter import Adapter
 from sflllm.sfl.loss_scale import scale_loss
 from sflllm.sfl.messages import CutActivations
@@ -32,19 +32,20 @@ def received(cuts: Sequence[CutActivations]) -> list[Tensor]:
 
 
 def server_losses(server_module: torch.nn.Module, lora: dict[str, Tensor], activations: Sequence[Tensor],
-                  cuts: Sequence[CutActivations]) -> list[Tensor]:
-    """Each client's loss through one server adapter, the K batches run as one concatenated batch.
+                  cuts: Sequence[CutActivations]) -> Tensor:
+    """Each client's loss through one server adapter (shape (K,)), the K batches run as one concatenated batch.
 
     ``activations[k]`` is client k's hidden (as :func:`received` gives it), ``cuts[k]`` its payload
     (attention mask and labels).  Sequences do not interact in a causal LM, so this equals K separate
     server passes up to float rounding (tested); it is what makes the MS as fast per sample as
-    centralized training.
+    centralized training.  The K means come from one cross-entropy over the batch
+    (:func:`~sflllm.model.lm_loss_groups`), so the logits are not split per client.
     """
     hidden = torch.cat(list(activations)) if len(activations) > 1 else activations[0]
     mask = torch.cat([c.attention_mask for c in cuts]) if len(cuts) > 1 else cuts[0].attention_mask
+    labels = torch.cat([c.labels for c in cuts]) if len(cuts) > 1 else cuts[0].labels
     logits = functional_call(server_module, lora, (hidden, mask))
-    sizes = [len(c) for c in cuts]
-    return [lm_loss(part, c.labels) for part, c in zip(torch.split(logits, sizes), cuts, strict=True)]
+    return lm_loss_groups(logits, labels, [len(c) for c in cuts])
 
 
 def serve_shared(server_module: torch.nn.Module, adapter: Adapter, cuts: Sequence[CutActivations], *,
@@ -65,25 +66,24 @@ def serve_shared(server_module: torch.nn.Module, adapter: Adapter, cuts: Sequenc
     chunk = num_clients if server_chunk is None else server_chunk
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"server_chunk must be an integer >= 1 or None, got {server_chunk!r}")
-    losses: list[Tensor] = []
+    losses: list[float] = []
     activation_grads: list[Tensor] = []
     adapter_grads: list[Tensor] | None = None
     for start in range(0, num_clients, chunk):
         part = cuts[start : start + chunk]
         activations = received(part)
         part_losses = server_losses(server_module, adapter.tensors, activations, part)
-        grads = torch.autograd.grad(scale_loss(torch.stack(part_losses).sum(), loss_scale),
-                                    [*activations, *adapter.tensors.values()])
+        grads = torch.autograd.grad(scale_loss(part_losses.sum(), loss_scale), [*activations, *adapter.tensors.values()])
         activation_grads += grads[: len(part)]
         summed = grads[len(part) :]
         if adapter_grads is None:
             adapter_grads = list(summed)
         else:
             adapter_grads = [a + g for a, g in zip(adapter_grads, summed, strict=True)]
-        losses += [loss.detach() for loss in part_losses]
+        losses += part_losses.tolist()
     adapter.set_gradients({n: g / num_clients for n, g in zip(adapter.tensors, adapter_grads, strict=True)})
     adapter.step(loss_scale)
-    return [loss.item() for loss in losses], activation_grads
+    return losses, activation_grads
 
 
 def serve_per_client(server_module: torch.nn.Module, adapters: Sequence[Adapter],
@@ -94,7 +94,7 @@ def serve_per_client(server_module: torch.nn.Module, adapters: Sequence[Adapter]
     activation_grads: list[Tensor] = []
     for adapter, cut in zip(adapters, cuts, strict=True):
         (act,) = received([cut])
-        (loss,) = server_losses(server_module, adapter.tensors, [act], [cut])
+        loss = server_losses(server_module, adapter.tensors, [act], [cut])[0]
         grads = torch.autograd.grad(scale_loss(loss, loss_scale), [act, *adapter.tensors.values()])
         adapter.set_gradients(dict(zip(adapter.tensors, grads[1:], strict=True)))
         adapter.step(loss_scale)
