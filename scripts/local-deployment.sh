@@ -35,14 +35,27 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/sflllm-deployment.XXXXXX")
 export FLWR_HOME=$WORK/flwr-home  # Flower's config and installed apps: nothing under ~/.flwr
 PIDS=()
 
+# PID and its descendants (Flower starts its SuperExec, ServerApp and ClientApp processes in sessions of their own)
+tree() {
+  local child
+  for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do tree "$child"; done
+  echo "$1"
+}
+
 cleanup() {
-  local status=$?
+  local status=$? pid left
   trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+  local all=()
+  for pid in "${PIDS[@]}"; do all+=($(tree "$pid")); done
+  for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done  # each started process group
+  for pid in "${all[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in $(seq 100); do
+    left=0
+    for pid in "${all[@]}"; do ps -o stat= -p "$pid" 2>/dev/null | grep -qv Z && left=1; done  # alive, not a zombie
+    [[ $left -eq 0 ]] && break
+    sleep 0.1
   done
+  for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [[ $status -ne 0 ]]; then
     echo "deployment failed (exit $status); logs:" >&2
