@@ -151,6 +151,34 @@ def test_the_federated_server_rejects_a_malformed_reply(fed):
         read_reply(RecordDict({"adapter": content["adapter"], "meta": MetricRecord({"num_examples": 8})}), k, fed)
 
 
+def test_engine_flower_deployment_runs_only_inside_a_server_app(tmp_path):
+    from typer.testing import CliRunner
+
+    from sflllm.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--engine", "flower-deployment", "--rounds", "1", "--output",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 2 and not (tmp_path / "o").exists()
+    assert "engine: 'flower-deployment' runs inside a Flower ServerApp" in result.output
+
+
+@pytest.mark.parametrize(("run_config", "message"), [
+    ({"output-dir": "x", "round": 2}, "run config: unknown key 'round'"),
+    ({}, "run config output-dir: required"),
+    ({"output-dir": "x", "rounds": "2"}, "run config rounds: expected int, got '2'"),
+    ({"output-dir": "x", "client-timeout": 0}, "run config client-timeout: expected a positive number of seconds"),
+    ({"output-dir": "x", "dataplane-certfile": "missing.pem"}, "run config dataplane-certfile: cannot read missing.pem"),
+])
+def test_a_bad_run_config_is_one_clear_error(run_config, message, tmp_path, monkeypatch):
+    from sflllm.experiments.config import TrainInputError
+    from sflllm.experiments.deployment import run_deployment
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainInputError, match=message):
+        run_deployment(None, run_config)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------- processes (slow)
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
