@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -363,6 +364,8 @@ def same_checkpoints(a: Path, b: Path, names=CHECKPOINTS) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                    reason="scripts/local-deployment.sh needs openssl and ssh-keygen")
 def test_local_deployment_script_equals_sflllm_train(tmp_path, small_config, local_run):
     """scripts/local-deployment.sh (SuperLink with TLS and SuperNode auth, 3 SuperNodes, 2 rounds) writes
     the checkpoints of `sflllm train` with the same config bit for bit, and metrics.json with the same

@@ -295,7 +295,7 @@ class FlowerDeployment:
         if not new:
             return
         replies = self._exchange([Message(RecordDict(), dst_node_id=node, message_type=HELLO) for node in new],
-                                 deadline, lambda: False)
+                                 deadline)
         for node, reply in replies.items():
             if reply.has_error():
                 LOG.info("SuperNode %d did not say which client it is (yet): %s", node, error_line(reply.error.reason))
@@ -309,13 +309,11 @@ class FlowerDeployment:
                 raise RuntimeError(f"SuperNodes {self._nodes[k]} and {node} both say they are client {k}")
             self._nodes[k] = node
 
-    def _exchange(self, messages: Iterable[Message], deadline: float,
-                  give_up: Callable[[], bool]) -> dict[int, Message]:
-        """Push ``messages``; their replies by node, pulled until all came, ``give_up()`` is true or
-        ``deadline`` (monotonic) passed."""
+    def _exchange(self, messages: Iterable[Message], deadline: float) -> dict[int, Message]:
+        """Push ``messages``; their replies by node, pulled until all came or ``deadline`` (monotonic) passed."""
         ids = list(self.grid.push_messages(messages))
         replies: dict[int, Message] = {}
-        while len(replies) < len(ids) and time.monotonic() < deadline and not give_up():
+        while len(replies) < len(ids) and time.monotonic() < deadline:
             for reply in self.grid.pull_messages([i for i in ids if i]):
                 replies[reply.metadata.src_node_id] = reply
             if len(replies) < len(ids):
