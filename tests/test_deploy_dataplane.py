@@ -459,9 +459,11 @@ def test_a_client_process_killed_mid_round_is_dropped_and_the_round_completes(to
 
 
 def test_train_engine_dataplane_honours_cut_precision_and_server_chunks(tmp_path):
-    """An int8 cut and a chunked main server travel through the data plane as they run in process."""
+    """An int8 cut and a chunked main server travel through the data plane as they run in process
+    (LoRA dropout on: the local engine then runs the clients one by one, as the data plane does;
+    batched client passes change the float rounding)."""
     config = TrainConfig(clients=3, rounds=1, local_steps=2, batch_size=4, train_samples=48, eval_samples=8,
-                         act_bits=8, server_chunk=2, generate=False)
+                         act_bits=8, server_chunk=2, lora_dropout=0.1, generate=False)
     run_train(config, tmp_path / "local", progress=False)
     run_train(config.model_copy(update={"engine": "dataplane"}), tmp_path / "dp", progress=False)
     got, want = load_file(tmp_path / "dp" / "state.safetensors"), load_file(tmp_path / "local" / "state.safetensors")
