@@ -10,7 +10,9 @@ the batch size that makes the client's activations that many MB, one client: tim
   direct ``main_server_step`` call;
 
 alternately, and prints the medians and the median paired difference, the data plane's overhead per iteration (encode,
-TLS, gRPC, decode and checks both ways).  Target (issue 8): under 20 ms at 3 MB.
+TLS, gRPC, decode and checks both ways).  The client's forward and backward make that difference
+noisy on a loaded machine, so it also times the exchange alone: ``main_server_step`` on a fixed
+payload called directly vs reached over the data plane.  Target (issue 8): under 20 ms at 3 MB.
 """
 
 from __future__ import annotations
@@ -84,16 +86,28 @@ def main() -> None:
             client_step_backward(split.client, client.adapter, pending, grads)
             plane.end_round()
 
+        def server_step() -> None:  # the main server's part alone, on a fixed payload
+            main_server_step(split.server, fed.servers, fed.server_rng, [fixed_cut], fed.cut_spec)
+
+        def server_step_over_data_plane() -> None:
+            round_index = next(rounds)
+            plane.begin_round(round_index, [0], 1)
+            channel.exchange(fixed_cut, round_index, 0)
+            plane.end_round()
+
         try:
             with training(split.full):
                 local, remote, overhead = interleaved(in_process, over_data_plane, repeats)
+                fixed_cut = client_step_forward(split.client, client)[1]
+                _, _, exchange = interleaved(server_step, server_step_over_data_plane, 2 * repeats)
         finally:
             channel.close()
             server.stop(None).wait(10)
         megabytes = batch_size * SEQ_LEN * HIDDEN * 4 / 1e6
         print(f"activations {megabytes:6.2f} MB (b={batch_size}, s={SEQ_LEN}, d={HIDDEN}): in process "
               f"{local * 1e3:8.1f} ms, data plane {remote * 1e3:8.1f} ms, overhead {overhead * 1e3:7.1f} ms "
-              f"per iteration (medians of {repeats} alternating pairs)")
+              f"per iteration (medians of {repeats} alternating pairs); the exchange alone (main server's "
+              f"step over the data plane vs called directly, {2 * repeats} pairs): {exchange * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

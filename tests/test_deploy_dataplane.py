@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 grpc = pytest.importorskip("grpc", reason="grpcio comes with the flower extra (pip install 'sflllm[flower]')")
@@ -207,6 +208,22 @@ def malformed(cut):
         "garbage": (b"\x00\x01not a tensor", "INVALID_ARGUMENT", "not a valid safetensors payload"),
         "10x size": (valid * 10, "RESOURCE_EXHAUSTED", "larger than max"),
     }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                                   torch.int32, torch.int8, torch.uint8, torch.bool])
+def test_encode_writes_safetensors_that_safetensors_reads_back(dtype):
+    """The data plane's one-copy encoder writes safetensors that safetensors' own parser reads back as
+    the same tensors (any dtype, mixed widths, an empty, a 0-d and a non-contiguous tensor); with one
+    dtype the bytes are exactly safetensors.torch.save's (which orders mixed dtypes its own way)."""
+    tensors = {"hidden": torch.randn(3, 5, 4).to(dtype), "mask": torch.ones(3, 5, dtype=torch.int64),
+               "empty": torch.zeros(0, 2, dtype=dtype), "scalar": torch.tensor(3).to(dtype),
+               "strided": torch.arange(12).reshape(3, 4).t().to(dtype)}
+    back = safetensors.torch.load(encode(tensors))
+    assert back.keys() == tensors.keys()
+    assert all(back[n].dtype == t.dtype and torch.equal(back[n], t) for n, t in tensors.items())
+    same = {n: t.contiguous() for n, t in tensors.items() if n != "mask"}
+    assert encode(same) == safetensors.torch.save(same)
 
 
 def test_malformed_payloads_are_refused_and_the_server_keeps_serving(tokenizer, data, tls, caplog):

@@ -20,7 +20,7 @@ from sflllm.deploy.dataplane import (
     serve,
 )
 from sflllm.deploy.rehearsal import DataPlaneRehearsal
-from sflllm.deploy.rounds import broadcast_average, client_round, federated_round
+from sflllm.deploy.rounds import broadcast_average, client_round, close_round, federated_round
 from sflllm.deploy.tls import self_signed_certificate
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "activation_limit",
     "broadcast_average",
     "client_round",
+    "close_round",
     "decode_activations",
     "decode_gradients",
     "encode_activations",

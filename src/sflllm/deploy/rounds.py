@@ -89,15 +89,26 @@ def federated_round(fed: Federation, plane: MainServerPlane, planes: Sequence[Da
             time.sleep(0.005)
     report = plane.end_round()
     busy |= {k: threads[k] for k in report.dropped if threads[k].is_alive()}
-    dropped = dict(sorted((sitting_out | report.dropped).items()))
+    dropped = sitting_out | report.dropped
     survivors = [k for k in taking_part if k not in dropped]
+    with compute_lock:  # a dropped client's thread may still be finishing a step
+        return close_round(fed, round_index, report.losses, survivors, dropped)
+
+
+def close_round(fed: Federation, round_index: int, losses: Sequence[float], survivors: Sequence[int],
+                dropped: dict[int, str], data_sizes: Sequence[int] | None = None) -> dict:
+    """The federated server's end of a round that ``survivors`` completed: FedAvg of their client
+    adapters (and per-client server adapters) with weights D_k renormalised over them, broadcast to
+    every client (dropped ones included), and the round's metrics plus ``"dropped"`` (``{client:
+    reason}`` as strings, for metrics.json).  ``data_sizes`` are the survivors' D_k (default: their
+    ``num_examples`` in ``fed``).  Raises RuntimeError if no client completed the round."""
     if not survivors:
-        raise RuntimeError(f"round {round_index}: every client was dropped ({dropped})")
+        raise RuntimeError(f"round {round_index}: every client was dropped ({dict(sorted(dropped.items()))})")
+    clients = fed.clients
     if len(clients) > 1:
-        sizes = [clients[k].num_examples for k in survivors]
-        with compute_lock:  # a dropped client's thread may still be finishing a step
-            broadcast_average([clients[k].adapter for k in survivors], sizes, fed.client_adapters)
-            if len(fed.servers) == len(clients):
-                broadcast_average([fed.servers[k] for k in survivors], sizes, fed.servers)
-    stats = round_stats(round_index, report.losses, fed.hyper, len(survivors))
-    return stats | {"dropped": {str(k): reason for k, reason in dropped.items()}}
+        sizes = list(data_sizes) if data_sizes is not None else [clients[k].num_examples for k in survivors]
+        broadcast_average([clients[k].adapter for k in survivors], sizes, fed.client_adapters)
+        if len(fed.servers) == len(clients):
+            broadcast_average([fed.servers[k] for k in survivors], sizes, fed.servers)
+    stats = round_stats(round_index, list(losses), fed.hyper, len(survivors))
+    return stats | {"dropped": {str(k): reason for k, reason in sorted(dropped.items())}}

@@ -98,9 +98,10 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: 1 for narrow models (hidden size <= 256), torch's default otherwise"
     )
-    engine: Literal["local", "flower-sim", "dataplane"] = Field(
+    engine: Literal["local", "flower-sim", "dataplane", "flower-deployment"] = Field(
         "local", description="local: one process; flower-sim: Flower's Simulation Engine; dataplane: every cut "
-        "exchange over gRPC with TLS and a token on 127.0.0.1 (flower-sim and dataplane: mode sfl, the flower extra)"
+        "exchange over gRPC with TLS and a token on 127.0.0.1; flower-deployment: SuperLink and SuperNodes as "
+        "processes, set by `flwr run` (docs/deployment.md) (all but local: mode sfl, the flower extra)"
     )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
@@ -155,7 +156,7 @@ class TrainConfig(BaseModel):
 
 
 # Values of a field that only mode sfl supports
-SFL_ONLY = {"server_adapter": ("per_client",), "engine": ("flower-sim", "dataplane")}
+SFL_ONLY = {"server_adapter": ("per_client",), "engine": ("flower-sim", "dataplane", "flower-deployment")}
 
 # Fields that may differ between a run and its ``--resume``: they do not change the trajectory of
 # adapters, optimizer states or per-round metrics, only how far it goes and the final generation.

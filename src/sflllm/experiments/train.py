@@ -27,7 +27,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,8 +303,12 @@ def check_sizes(config: TrainConfig, model: PreTrainedModel, seq_len: int, examp
         raise TrainInputError(advice)
 
 
-def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
-    """Load and validate model, data, partition, sizes and the federation. Writes nothing."""
+def prepare(config: TrainConfig, *, force: bool = False, make_engine: MakeEngine | None = None) -> _Run:
+    """Load and validate model, data, partition, sizes and the federation. Writes nothing.
+
+    ``make_engine(config, federation)`` builds the round engine of ``engine: flower-deployment``
+    (the ServerApp passes one: :mod:`sflllm.experiments.deployment`).
+    """
     seed_everything(config.seed)
     device, dtype = placement(config)
     model, tokenizer = load_model_and_tokenizer(config)
@@ -363,10 +367,17 @@ def prepare(config: TrainConfig, *, force: bool = False) -> _Run:
         engine = flower_simulation(config, federation)
     elif config.engine == "dataplane":
         engine = data_plane(config, federation)
+    elif config.engine == "flower-deployment":
+        if make_engine is None:
+            raise TrainInputError("engine: 'flower-deployment' runs inside a Flower ServerApp (`flwr run`, "
+                                  "scripts/local-deployment.sh, docs/deployment.md); here use --engine local, "
+                                  "flower-sim or dataplane")
+        engine = make_engine(config, federation)
     return _Run(config, seq_len, split, tokenizer, engine, device, eval_tokens, generation_examples)
 
 
 FLOWER_HINT = 'pip install "sflllm[flower]"'
+MakeEngine = Callable[[TrainConfig, Federation], RoundEngine]
 
 
 def flower_simulation(config: TrainConfig, federation: Federation) -> RoundEngine:
@@ -391,8 +402,16 @@ def data_plane(config: TrainConfig, federation: Federation) -> RoundEngine:
 def flower_client(config_json: str, k: int) -> tuple[torch.nn.Module, ClientState]:
     """Client k of a flower-sim run, built inside a simulation worker from the run's config: its part
     of the split model and its client (data, fresh adapter and streams; the ClientApp loads its state)."""
-    run = _local_run(config_json)
-    return run.split.client, run.federation.clients[k]
+    fed = client_federation(config_json)
+    return fed.split.client, fed.clients[k]
+
+
+def client_federation(config_json: str) -> Federation:
+    """The run's in-process federation rebuilt from its config alone (JSON of a TrainConfig), in a
+    client's process: a Flower ClientApp takes its part of the split model and its client from it."""
+    federation = _local_run(config_json).federation
+    assert isinstance(federation, Federation)  # engine "local"
+    return federation
 
 
 @functools.lru_cache(maxsize=2)
@@ -553,6 +572,7 @@ def run_train(
     console: Console | None = None,
     progress: bool = True,
     force: bool = False,
+    make_engine: MakeEngine | None = None,
 ) -> TrainResult:
     """Train from scratch into ``output_dir`` (default :func:`default_output_dir`; must not exist or be empty).
 
@@ -561,7 +581,7 @@ def run_train(
     """
     out = Path(output_dir) if output_dir is not None else default_output_dir()
     check_new_output_dir(out)
-    run = prepare(config, force=force)
+    run = prepare(config, force=force, make_engine=make_engine)
     with torch_threads(intra_op_threads(config, run.split.full)):
         metrics = _initial_metrics(run)
         ensure_output_dir(out, "output")
@@ -579,6 +599,7 @@ def resume_train(
     console: Console | None = None,
     progress: bool = True,
     force: bool = False,
+    make_engine: MakeEngine | None = None,
 ) -> TrainResult:
     """Continue the run in ``output_dir`` (e.g. with a larger ``rounds``) to the same result as an uninterrupted run.
 
@@ -604,7 +625,7 @@ def resume_train(
             f"(only {', '.join(sorted(RESUME_OVERRIDES))} can)"
         )
     config = resolve_config(saved, overrides, source=f"resume {out}")
-    run = prepare(config, force=force)
+    run = prepare(config, force=force, make_engine=make_engine)
     with torch_threads(intra_op_threads(config, run.split.full)):
         metrics = _initial_metrics(run) if first_round else _load_resume_state(out, run)
         metrics["final"] = None

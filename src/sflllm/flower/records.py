@@ -24,6 +24,9 @@ DTYPES = {str(d).removeprefix("torch."): d for d in
           (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8)}
 CUT = "cut"  # the RecordDict key of a CutActivations payload
 GRAD = "grad"  # the RecordDict key of a CutGradients payload
+STATE = "state"  # a client's whole state (sflllm.sfl.federation.client_state names)
+ADAPTER = "adapter"  # a client adapter's LoRA tensors
+META = "meta"  # a MetricRecord of small numbers (client index, D_k)
 
 if sys.byteorder != "little":  # pragma: no cover - torch's supported platforms are little-endian
     raise ImportError("sflllm.flower's wire format is little-endian")
@@ -88,3 +91,11 @@ def gradients_to_records(grads: CutGradients) -> RecordDict:
 def records_to_gradients(content: RecordDict, sender: str = "main server") -> CutGradients:
     what = f"{sender}: CutGradients"
     return CutGradients.from_tensors(_record(content, GRAD, what), what)
+
+
+def error_line(reason: str) -> str:
+    """The client's own error message out of the reason Flower reports (with Ray: a whole traceback
+    ending in ``... Message: <the exception's message>'>``)."""
+    tail = str(reason).rsplit("Message: ", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1].removesuffix("'>").strip() if lines else str(reason)

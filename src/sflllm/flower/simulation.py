@@ -36,8 +36,12 @@ from flwr.simulation import run_simulation
 from torch import Tensor
 
 from sflllm.flower.records import (
+    ADAPTER,
     GRAD,
+    META,
+    STATE,
     activations_to_records,
+    error_line,
     gradients_to_records,
     record_to_tensors,
     records_to_activations,
@@ -62,10 +66,7 @@ LoadClient = Callable[[int], tuple[torch.nn.Module, ClientState]]
 """``load_client(k) -> (client_module, client)``: client k's part of the split model and a client
 with its data; called inside the simulation's worker processes (so it must be picklable)."""
 
-STATE = "state"  # client context / message record: the client's whole state (client_state names)
 PENDING = "pending"  # client context record: cursor and RNG state before the last forward
-ADAPTER = "adapter"
-META = "meta"
 CONNECT_TIMEOUT_S = 300.0
 
 
@@ -138,14 +139,6 @@ def make_client_app(load_client: LoadClient, act_bits: int = 32) -> ClientApp:
         return Message(RecordDict({STATE: context.state[STATE]}), reply_to=msg)
 
     return app
-
-
-def error_line(reason: str) -> str:
-    """The client's own error message out of the reason Flower reports (with Ray: a whole traceback
-    ending in ``... Message: <the exception's message>'>``)."""
-    tail = str(reason).rsplit("Message: ", 1)[-1]
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    return lines[-1].removesuffix("'>").strip() if lines else str(reason)
 
 
 # --------------------------------------------------------------------------- the main and federated server
