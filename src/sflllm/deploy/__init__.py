@@ -20,7 +20,7 @@ from sflllm.deploy.dataplane import (
     serve,
 )
 from sflllm.deploy.rehearsal import DataPlaneRehearsal
-from sflllm.deploy.rounds import broadcast_average, client_round, close_round, federated_round
+from sflllm.deploy.rounds import broadcast_average, client_round, close_round, federated_round, main_server_plane
 from sflllm.deploy.tls import self_signed_certificate
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "encode_gradients",
     "federated_round",
     "gradient_limit",
+    "main_server_plane",
     "self_signed_certificate",
     "serve",
 ]

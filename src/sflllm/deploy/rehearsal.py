@@ -16,7 +16,7 @@ import threading
 from torch import Tensor
 
 from sflllm.deploy.dataplane import DataPlaneClient, MainServerPlane, serve
-from sflllm.deploy.rounds import federated_round
+from sflllm.deploy.rounds import federated_round, main_server_plane
 from sflllm.deploy.tls import self_signed_certificate
 from sflllm.sfl import Federation
 from sflllm.sfl.federation import Progress
@@ -45,10 +45,7 @@ class DataPlaneRehearsal:
         fed = self.federation
         certificate, private_key = self_signed_certificate((self.host,))
         token = secrets.token_urlsafe(32)
-        self._plane = MainServerPlane(fed.split.server, fed.servers, fed.server_rng, fed.cut_spec, token,
-                                      client_timeout=self.client_timeout, compute_lock=self._lock,
-                                      max_clients=fed.num_clients, server_chunk=fed.hyper.server_chunk,
-                                      loss_scaler=fed.loss_scaler)
+        self._plane = main_server_plane(fed, token, client_timeout=self.client_timeout, compute_lock=self._lock)
         self._server, port = serve(self._plane, f"{self.host}:0", certificate, private_key)
         self._clients = [DataPlaneClient(f"{self.host}:{port}", certificate, token, k, fed.cut_spec,
                                          timeout=self.client_timeout + 600)

@@ -45,6 +45,15 @@ def client_round(client_module: torch.nn.Module, client: ClientState, plane: Dat
             client_step_backward(client_module, client.adapter, pending, grads)
 
 
+def main_server_plane(fed: Federation, token: str, *, client_timeout: float,
+                      compute_lock: AbstractContextManager[Any] | None = None) -> MainServerPlane:
+    """The main server of ``fed`` (mode sfl) on the data plane: its server part, server adapter(s),
+    RNG, cut spec, ``server_chunk`` and float16 loss scaler, for up to all of its clients."""
+    return MainServerPlane(fed.split.server, fed.servers, fed.server_rng, fed.cut_spec, token,
+                           client_timeout=client_timeout, compute_lock=compute_lock, max_clients=fed.num_clients,
+                           server_chunk=fed.hyper.server_chunk, loss_scaler=fed.loss_scaler)
+
+
 def broadcast_average(adapters: Sequence[Adapter], data_sizes: Sequence[int], to: Sequence[Adapter]) -> None:
     """FedAvg of ``adapters`` with weights ``data_sizes`` (renormalised over them), written into every
     adapter of ``to`` (the survivors and the dropped alike)."""
@@ -96,17 +105,17 @@ def federated_round(fed: Federation, plane: MainServerPlane, planes: Sequence[Da
 
 
 def close_round(fed: Federation, round_index: int, losses: Sequence[float], survivors: Sequence[int],
-                dropped: dict[int, str], data_sizes: Sequence[int] | None = None) -> dict:
+                dropped: dict[int, str]) -> dict:
     """The federated server's end of a round that ``survivors`` completed: FedAvg of their client
-    adapters (and per-client server adapters) with weights D_k renormalised over them, broadcast to
-    every client (dropped ones included), and the round's metrics plus ``"dropped"`` (``{client:
-    reason}`` as strings, for metrics.json).  ``data_sizes`` are the survivors' D_k (default: their
-    ``num_examples`` in ``fed``).  Raises RuntimeError if no client completed the round."""
+    adapters (and per-client server adapters) with weights D_k (their ``num_examples`` in ``fed``)
+    renormalised over them, broadcast to every client (dropped ones included), and the round's
+    metrics plus ``"dropped"`` (``{client: reason}`` as strings, for metrics.json).  Raises
+    RuntimeError if no client completed the round."""
     if not survivors:
         raise RuntimeError(f"round {round_index}: every client was dropped ({dict(sorted(dropped.items()))})")
     clients = fed.clients
     if len(clients) > 1:
-        sizes = list(data_sizes) if data_sizes is not None else [clients[k].num_examples for k in survivors]
+        sizes = [clients[k].num_examples for k in survivors]
         broadcast_average([clients[k].adapter for k in survivors], sizes, fed.client_adapters)
         if len(fed.servers) == len(clients):
             broadcast_average([fed.servers[k] for k in survivors], sizes, fed.servers)

@@ -45,7 +45,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from sflllm.deploy import DataPlaneClient, MainServerPlane, client_round, close_round, self_signed_certificate, serve
+from sflllm.deploy import (
+    DataPlaneClient,
+    MainServerPlane,
+    client_round,
+    close_round,
+    main_server_plane,
+    self_signed_certificate,
+    serve,
+)
 from sflllm.flower.records import ADAPTER, META, STATE, error_line, record_to_tensors, tensors_to_record
 from sflllm.sfl import Federation
 from sflllm.sfl.federation import Progress, check_state, client_state, load_client_state, training
@@ -268,9 +276,7 @@ class FlowerDeployment:
         else:
             certificate, private_key, root = s.certificate, s.private_key, s.root_certificate or s.certificate
         self._token = secrets.token_urlsafe(32)
-        self._plane = MainServerPlane(fed.split.server, fed.servers, fed.server_rng, fed.cut_spec, self._token,
-                                      client_timeout=s.client_timeout, max_clients=fed.num_clients,
-                                      server_chunk=fed.hyper.server_chunk, loss_scaler=fed.loss_scaler)
+        self._plane = main_server_plane(fed, self._token, client_timeout=s.client_timeout)
         self._server, port = serve(self._plane, s.bind, certificate, private_key)
         self._address, self._root = f"{s.host}:{port}", root
         deadline = time.monotonic() + s.ready_timeout
@@ -366,7 +372,7 @@ class FlowerDeployment:
                     plane.drop(k, f"no reply within round_timeout={s.round_timeout:g} s", round_index)
             report = plane.end_round()
         dropped |= report.dropped
-        survivors, sizes = [], []
+        survivors = []
         for k in taking_part:
             if k in dropped:
                 continue
@@ -377,9 +383,8 @@ class FlowerDeployment:
                 LOG.warning("round %d: client %d dropped: %s", round_index, k, err)
                 dropped[k] = str(err)
                 continue
-            survivors.append(k)
-            sizes.append(reply.num_examples)
-        stats = close_round(fed, round_index, report.losses, survivors, dropped, sizes)
+            survivors.append(k)  # read_reply checked its D_k against the run's
+        stats = close_round(fed, round_index, report.losses, survivors, dropped)
         # a survivor's node keeps its state (with the pre-average adapter, which the next message
         # replaces); a dropped client's node may hold anything: it gets its state again
         self._synced = set(survivors)
